@@ -133,6 +133,7 @@ class Run:
     wall_s: float
     cpu_s: float
     peak_rss_bytes: int
+    peak_anon_bytes: int
     returncode: int
     note: str = ""
 
@@ -207,15 +208,19 @@ def full_load_need_bytes(inputs: Inputs) -> int:
 class TreeSampler(threading.Thread):
     """Polls the memory of a process and its descendants until stopped.
 
-    The peak is the larger of the summed RSS of the tree at any poll and the kernel's
-    high-water mark (VmHWM) of any one process, which catches spikes between polls. A
-    child is only counted once it has exec'd: before that it is a copy of this process.
+    ``peak`` is the larger of the summed RSS of the tree at any poll and the kernel's
+    high-water mark (VmHWM) of any one process, which catches spikes between polls.
+    ``peak_anon`` counts anonymous memory only (RssAnon): safetensors maps input shards,
+    and the pages a merge has read count as (file-backed, reclaimable) RSS until the
+    shard is closed. A child is only counted once it has exec'd: before that it is a
+    copy of this process.
     """
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid = pid
         self.peak = 0
+        self.peak_anon = 0
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -227,32 +232,38 @@ class TreeSampler(threading.Thread):
         except psutil.NoSuchProcess:
             return
         while not self._done.is_set():
-            total = 0
+            total = anon = 0
             try:
                 for process in [root, *root.children(recursive=True)]:
                     if process.cmdline() == own_cmdline:
                         continue
-                    total += process.memory_info().rss
-                    self.peak = max(self.peak, _high_water_mark(process.pid))
+                    status = _memory_status(process.pid)
+                    total += status.get("VmRSS", 0)
+                    anon += status.get("RssAnon", 0)
+                    self.peak = max(self.peak, status.get("VmHWM", 0))
             except psutil.Error:
                 pass
             self.peak = max(self.peak, total)
+            self.peak_anon = max(self.peak_anon, anon)
             self._done.wait(POLL_SECONDS)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._done.set()
         self.join()
-        return self.peak
+        return self.peak, self.peak_anon
 
 
-def _high_water_mark(pid: int) -> int:
+def _memory_status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, VmHWM, ... of a process in bytes (empty once it has gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
-        pass
-    return 0
+        return {}
+    return {
+        key: int(value.split()[0]) * 1024
+        for key, value in (line.split(":", 1) for line in lines)
+        if value.strip().endswith("kB")
+    }
 
 
 def measure(
@@ -279,13 +290,14 @@ def measure(
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
     # Not ru_maxrss: after a vfork it includes this (parent) process's own RSS.
-    peak = sampler.stop()
+    peak, peak_anon = sampler.stop()
     note = ""
     if process.returncode:
         tail = log.read_text(errors="replace")[-2000:]
         note = "out of memory" if "MemoryError" in tail or "alloc" in tail else "failed"
         note += f" (exit {process.returncode}, see {log})"
-    return Run(variant, wall, usage.ru_utime + usage.ru_stime, peak, process.returncode, note)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(variant, wall, cpu, peak, peak_anon, process.returncode, note)
 
 
 def run_variant(variant: str, settings: Settings, round_index: int) -> Run:
@@ -296,7 +308,7 @@ def run_variant(variant: str, settings: Settings, round_index: int) -> Run:
         need = full_load_need_bytes(settings.inputs)
         if need > cap:
             return Run(
-                variant, float("nan"), float("nan"), 0, -1,
+                variant, float("nan"), float("nan"), 0, 0, -1,
                 f"not run: needs ≈ {need / GB:.0f} GB, cap {cap / GB:.0f} GB",
             )  # fmt: skip
     log = settings.workdir / f"{variant}-{round_index}.log"
@@ -392,6 +404,7 @@ def summarize(runs: list[Run], input_bytes: int) -> dict:
         "wall_s": wall,
         "cpu_s": statistics.median(r.cpu_s for r in done),
         "peak_rss_gb": statistics.median(r.peak_rss_bytes for r in done) / GB,
+        "peak_anon_gb": statistics.median(r.peak_anon_bytes for r in done) / GB,
         "input_gb_per_s": input_bytes / GB / wall,
         "note": next((r.note for r in runs if r.note), ""),
     }
@@ -401,18 +414,19 @@ def markdown_table(summary: dict, startup_s: float) -> str:
     floor = summary.get("io_floor", {}).get("wall_s")
     ta = summary.get("task_arithmetic", {}).get("wall_s")
     lines = [
-        "| variant | wall s | CPU s | peak RSS GB | input GB/s | merge work s | work ÷ floor | wall ÷ task_arithmetic | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | wall s | CPU s | peak RSS GB | of it anonymous GB | input GB/s | merge work s | work ÷ floor | wall ÷ task_arithmetic | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in summary.items():
         if "wall_s" not in row:
-            lines.append(f"| {LABELS[variant]} | – | – | – | – | – | – | – | {row['note']} |")
+            lines.append(f"| {LABELS[variant]} | – | – | – | – | – | – | – | – | {row['note']} |")
             continue
         is_mergekit = variant in ("transfer", "task_arithmetic")
         work = row["wall_s"] - startup_s if is_mergekit else row["wall_s"]
         lines.append(
             f"| {LABELS[variant]} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
-            f"{row['peak_rss_gb']:.2f} | {row['input_gb_per_s']:.2f} | "
+            f"{row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} | "
+            + (f"{row['input_gb_per_s']:.2f} | " if variant != "startup" else "– | ")
             + (f"{work:.1f} | " if variant != "startup" else "– | ")
             + (
                 f"{work / floor:.2f} | "
@@ -463,7 +477,6 @@ def run_benchmark(settings: Settings) -> dict:
     result["load_average_end"] = os.getloadavg()
     result["runs"] = [asdict(r) for rs in runs.values() for r in rs]
     result["summary"] = {v: summarize(rs, input_bytes) for v, rs in runs.items()}
-    result["summary"]["startup"]["input_gb_per_s"] = float("nan")
     return result
 
 
