@@ -117,7 +117,7 @@ def _sparse_transfer(
     gamma: list[float],
 ) -> torch.Tensor:
     base32 = source_base.to(torch.float32)
-    deltas = torch.empty((len(finetuned), *target.shape), dtype=torch.float32)
+    deltas = torch.empty((len(finetuned), *target.shape), dtype=torch.float32, device=target.device)
     for index, tensor in enumerate(finetuned):
         delta = tensor.to(torch.float32) - base32
         if sparsification_method is not None:
@@ -131,8 +131,8 @@ def _sparse_transfer(
             )
         deltas[index] = delta
     del base32
-    weight_shape = (len(weights),) + (1,) * target.dim()
-    weight_tensor = torch.tensor(weights, dtype=torch.float32).view(weight_shape)
+    weight_tensor = torch.tensor(weights, dtype=torch.float32, device=target.device)
+    weight_tensor = weight_tensor.view(len(weights), *(1,) * target.dim())
     deltas.mul_(weight_tensor)
     if consensus_method is not None:
         mask = get_mask(deltas, method=consensus_method.value)
