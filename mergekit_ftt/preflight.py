@@ -18,6 +18,7 @@ from pathlib import Path
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
+from transformers import PretrainedConfig
 
 from mergekit_ftt import METHOD_NAME
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError, split_roles
@@ -39,9 +40,10 @@ def check_merge(config: MergeConfiguration, out_path: str, options: MergeOptions
     roles = _configured_roles(config, target)
     source_base, finetuned = split_roles(roles)
     models = [target, source_base, *finetuned]
-    _check_architectures(models, options)
+    configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
+    _check_architectures(configs)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
-    _check_tensors(models, finetuned, options, allow_vocabulary)
+    _check_tensors(configs, finetuned, options, allow_vocabulary)
 
 
 def check_output_path(out_path: str) -> None:
@@ -91,11 +93,11 @@ def _inputs(config: MergeConfiguration) -> Iterator[tuple[ModelReference, dict |
                 yield source.model, source.parameters
 
 
-def _check_architectures(models: list[ModelReference], options: MergeOptions) -> None:
-    target = models[0]
-    expected = _architecture(target, options)
-    for model in models[1:]:
-        found = _architecture(model, options)
+def _check_architectures(configs: dict[ModelReference, PretrainedConfig]) -> None:
+    target, *others = configs
+    expected = _architecture(configs[target])
+    for model in others:
+        found = _architecture(configs[model])
         if found != expected:
             raise FinetuningTransferError(
                 f"{METHOD_NAME} needs models of one architecture: target {target} is "
@@ -104,24 +106,25 @@ def _check_architectures(models: list[ModelReference], options: MergeOptions) ->
             )
 
 
-def _architecture(model: ModelReference, options: MergeOptions) -> tuple[str, str]:
-    config = model.config(trust_remote_code=options.trust_remote_code)
+def _architecture(config: PretrainedConfig) -> tuple[str, str]:
     return config.model_type, ",".join(config.architectures or [])
 
 
 def _check_tensors(
-    models: list[ModelReference],
+    configs: dict[ModelReference, PretrainedConfig],
     finetuned: list[ModelReference],
     options: MergeOptions,
     allow_vocabulary: bool,
 ) -> None:
-    if any(model.lora for model in models):
+    if any(model.lora for model in configs):
         return  # LoRA inputs are merged by mergekit first; their shapes are known only then
-    target = models[0]
-    shapes = {model: _tensor_shapes(model, options) for model in models}
-    vocab = {model: _vocab_size(model, options) for model in models}
-    tied = {model: _ties_embeddings(model, options) for model in models}
-    for model in models[1:]:
+    target, *others = configs
+    shapes = {model: _tensor_shapes(model, options) for model in configs}
+    vocab = {model: config.get_text_config().vocab_size for model, config in configs.items()}
+    tied = {
+        model: getattr(config, "tie_word_embeddings", False) for model, config in configs.items()
+    }
+    for model in others:
         missing = sorted(
             name
             for name in set(shapes[target]) - set(shapes[model])
@@ -161,17 +164,6 @@ def _is_vocabulary_mismatch(
         return False
     differing = [axis for axis in range(len(a)) if a[axis] != b[axis]]
     return len(differing) == 1 and {a[differing[0]], b[differing[0]]} == {vocab_a, vocab_b}
-
-
-def _vocab_size(model: ModelReference, options: MergeOptions) -> int | None:
-    config = model.config(trust_remote_code=options.trust_remote_code)
-    text_config = getattr(config, "get_text_config", lambda: config)()
-    return getattr(text_config, "vocab_size", None)
-
-
-def _ties_embeddings(model: ModelReference, options: MergeOptions) -> bool:
-    config = model.config(trust_remote_code=options.trust_remote_code)
-    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 def _tensor_shapes(model: ModelReference, options: MergeOptions) -> dict[str, tuple[int, ...]]:
