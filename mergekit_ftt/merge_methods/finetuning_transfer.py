@@ -97,17 +97,21 @@ def _dense_transfer(
     # Scratch allocated once per tensor; the in-place ops on mixed dtypes compute in
     # float64 and convert the bf16/fp16 operand on the fly, so no float64 copy of an
     # input chunk is ever made. The operations and their order are those of
-    # target + Σ w·(finetuned − source_base) in float64, rounded once by the last copy_.
+    # w₁·(ft₁ − sb) + w₂·(ft₂ − sb) + … + target in float64, rounded once by the last copy_.
     size = min(CHUNK_ELEMENTS, flat_out.numel())
     delta_sum = torch.empty(size, dtype=torch.float64, device=target.device)
-    delta = torch.empty_like(delta_sum)
+    delta = torch.empty_like(delta_sum) if len(finetuned) > 1 else None
     for start in range(0, flat_out.numel(), CHUNK_ELEMENTS):
         window = slice(start, start + CHUNK_ELEMENTS)
         count = min(CHUNK_ELEMENTS, flat_out.numel() - start)
-        chunk_sum, chunk_delta = delta_sum[:count].zero_(), delta[:count]
-        for tensor, weight in zip(flat_finetuned, weights, strict=True):
+        chunk_sum = delta_sum[:count]
+        for index, (tensor, weight) in enumerate(zip(flat_finetuned, weights, strict=True)):
+            chunk_delta = delta[:count] if index else chunk_sum
             chunk_delta.copy_(tensor[window]).sub_(flat_base[window])
-            chunk_sum.add_(chunk_delta.mul_(weight) if weight != 1.0 else chunk_delta)
+            if weight != 1.0:
+                chunk_delta.mul_(weight)
+            if index:
+                chunk_sum.add_(chunk_delta)
         flat_out[window].copy_(chunk_sum.add_(flat_target[window]))
     return out
 
