@@ -467,6 +467,8 @@ def run_benchmark(settings: Settings) -> dict:
             runs[variant].append(run)
             print(f"round {round_index + 1}: {variant}: {run.wall_s:.1f} s, "
                   f"{run.peak_rss_bytes / GB:.2f} GB {run.note}", flush=True)  # fmt: skip
+            if not (settings.verify and round_index == 0):  # an 8B output is 16 GB of disk
+                shutil.rmtree(settings.workdir / f"out-{variant}", ignore_errors=True)
         if round_index == 0 and settings.verify:
             verified = [
                 v for v in settings.variants if v != "io_floor" and runs[v][0].returncode == 0
