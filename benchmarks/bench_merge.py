@@ -467,6 +467,7 @@ def run_benchmark(settings: Settings) -> dict:
             runs[variant].append(run)
             print(f"round {round_index + 1}: {variant}: {run.wall_s:.1f} s, "
                   f"{run.peak_rss_bytes / GB:.2f} GB {run.note}", flush=True)  # fmt: skip
+            _record(result, runs, input_bytes, settings)  # a stopped run keeps what it measured
             if not (settings.verify and round_index == 0):  # an 8B output is 16 GB of disk
                 shutil.rmtree(settings.workdir / f"out-{variant}", ignore_errors=True)
         if round_index == 0 and settings.verify:
@@ -476,15 +477,24 @@ def run_benchmark(settings: Settings) -> dict:
             result["verification"] = verify_outputs(settings, verified)
         for variant in settings.variants:
             shutil.rmtree(settings.workdir / f"out-{variant}", ignore_errors=True)
+    _record(result, runs, input_bytes, settings)
+    return result
+
+
+def _record(result: dict, runs: dict[str, list[Run]], input_bytes: int, settings: Settings) -> None:
+    """Update ``result`` with the runs so far and write it as JSON and Markdown."""
     result["load_average_end"] = os.getloadavg()
     result["runs"] = [asdict(r) for rs in runs.values() for r in rs]
-    result["summary"] = {v: summarize(rs, input_bytes) for v, rs in runs.items()}
-    return result
+    result["summary"] = {v: summarize(rs, input_bytes) for v, rs in runs.items() if rs}
+    settings.results.mkdir(parents=True, exist_ok=True)
+    stem = settings.results / f"{settings.size}-{result['started_utc'][:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(render_markdown(result))
 
 
 def render_markdown(result: dict) -> str:
     machine = result["machine"]
-    startup = result["summary"]["startup"]["wall_s"]
+    startup = result["summary"]["startup"].get("wall_s", 0.0)
     parts = [
         f"# Merge benchmark: {result['size']}, {result['started_utc']}",
         "",
@@ -572,12 +582,8 @@ def _available_ram() -> int:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     result = run_benchmark(settings)
-    settings.results.mkdir(parents=True, exist_ok=True)
-    stem = settings.results / f"{settings.size}-{result['started_utc'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(result))
     print(render_markdown(result))
-    print(f"wrote {stem}.md and .json")
+    print(f"wrote {settings.results / settings.size}-{result['started_utc'][:10]}.md and .json")
 
 
 if __name__ == "__main__":
