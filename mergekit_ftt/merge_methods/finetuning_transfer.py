@@ -33,10 +33,10 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
 from mergekit_ftt import METHOD_NAME, PAPER_URL
 
-# Elements per float64 work chunk. Two reused 4 MiB buffers stay in cache: every pass
+# Elements per float64 work chunk. Reused 16 MiB buffers stay in the last-level cache: every pass
 # over a chunk then runs at cache speed and only the inputs and the output cross memory
 # once (benchmarks/PROFILE.md has the measurements behind the size).
-CHUNK_ELEMENTS = 1 << 19
+CHUNK_ELEMENTS = 1 << 21
 
 
 class Role(str, Enum):
