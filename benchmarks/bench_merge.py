@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -451,7 +452,7 @@ def run_benchmark(settings: Settings) -> dict:
         "input_bytes": input_bytes,
         "output_bytes": settings.inputs.weight_bytes(settings.inputs.target),
         "repeats": settings.repeats,
-        "command": " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "mergekit_args": list(settings.mergekit_args),
         "configs": {
             "transfer": transfer_config(settings.inputs),
