@@ -33,6 +33,7 @@ from mergekit_ftt.tiny import TULU_CHAT_TEMPLATE
 from mergekit_ftt.training.data import DatasetSource, DatasetSpecError, load_mixture
 
 if TYPE_CHECKING:
+    from transformers import TrainerCallback
     from trl import ModelConfig, SFTConfig, TrlParser
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,7 @@ def build_trainer(
     sft_config: SFTConfig,
     model_config: ModelConfig,
     train_dataset,
+    callbacks: Sequence[TrainerCallback] = (),
 ):
     """An SFT trainer for the model named in ``model_config`` (fills ``sft_config``'s
     ``model_init_kwargs`` and, with ``total_batch_size``, its accumulation steps)."""
@@ -301,13 +303,19 @@ def build_trainer(
         train_dataset=train_dataset,
         processing_class=tokenizer,
         loss_reduction=script_args.loss_reduction,
+        callbacks=list(callbacks),
     )
 
 
 def train(
-    script_args: FttScriptArguments, sft_config: SFTConfig, model_config: ModelConfig
+    script_args: FttScriptArguments,
+    sft_config: SFTConfig,
+    model_config: ModelConfig,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> Path:
     """Fine-tune and save the model (with tokenizer and trainer state) to ``output_dir``.
+
+    ``callbacks`` are transformers ``TrainerCallback``s (e.g. to record the loss curve).
 
     Returns the output folder, ready to be a ``source_finetuned`` model in a
     ``finetuning_transfer`` recipe.
@@ -318,7 +326,7 @@ def train(
             script_args, sft_config.output_dir
         )
     train_dataset = load_mixture(script_args.datasets, seed=script_args.dataset_seed)
-    trainer = build_trainer(script_args, sft_config, model_config, train_dataset)
+    trainer = build_trainer(script_args, sft_config, model_config, train_dataset, callbacks)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(sft_config.output_dir)
     trainer.save_state()
