@@ -3,20 +3,28 @@
 mergekit 0.1.5 has no plugin entry points: its method registry is filled when
 ``mergekit.merge_methods`` is imported. The installed ``mergekit_ftt_hook.pth`` calls
 :func:`install` at interpreter start; it puts a finder on ``sys.meta_path`` that waits
-for ``mergekit.merge_methods`` to be imported and registers our method right after the
-module has run. Until then nothing is imported, so interpreters that never touch
-mergekit pay only for this stdlib-only module, and a missing mergekit breaks nothing.
+for two mergekit modules and extends each right after it has run:
+
+- ``mergekit.merge_methods``: register ``finetuning_transfer`` in the registry;
+- ``mergekit.merge``: wrap ``run_merge`` so that a ``finetuning_transfer`` merge is
+  checked (:mod:`mergekit_ftt.preflight`) before anything is loaded or written, and its
+  output gets the generation config that goes with its tokenizer
+  (:mod:`mergekit_ftt.outputs`). The entry points (``mergekit-yaml``,
+  ``mergekit-multi``) import ``run_merge`` from there.
+
+Until then nothing is imported, so interpreters that never touch mergekit pay only for
+this stdlib-only module, and a missing mergekit breaks nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Callable
 from types import ModuleType
-
-_WATCHED = "mergekit.merge_methods"
 
 
 def register() -> None:
@@ -33,23 +41,50 @@ def register() -> None:
         registry.register(finetuning_transfer)
 
 
-class _RegisterAfterExec(importlib.abc.Loader):
-    """Runs the real loader of ``mergekit.merge_methods``, then :func:`register`."""
+def _check_before_run_merge(merge_module: ModuleType) -> None:
+    run_merge = merge_module.run_merge
+    if getattr(run_merge, "_ftt_checked", False):
+        return
 
-    def __init__(self, loader: importlib.abc.Loader):
+    @functools.wraps(run_merge)
+    def checked_run_merge(merge_config, out_path, options, *args, **kwargs):
+        from mergekit_ftt.outputs import copy_generation_config
+        from mergekit_ftt.preflight import check_merge
+
+        check_merge(merge_config, out_path, options)
+        result = run_merge(merge_config, out_path, options, *args, **kwargs)
+        copy_generation_config(merge_config, out_path, options)
+        return result
+
+    checked_run_merge._ftt_checked = True
+    merge_module.run_merge = checked_run_merge
+
+
+_AFTER_IMPORT: dict[str, Callable[[ModuleType], None]] = {
+    "mergekit.merge_methods": lambda _module: register(),
+    "mergekit.merge": _check_before_run_merge,
+}
+
+
+class _ExtendAfterExec(importlib.abc.Loader):
+    """Runs a module's real loader, then its entry in ``_AFTER_IMPORT``."""
+
+    def __init__(self, loader: importlib.abc.Loader, extend: Callable[[ModuleType], None]):
         self._loader = loader
+        self._extend = extend
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        register()
+        self._extend(module)
 
 
-class _MergeMethodsFinder(importlib.abc.MetaPathFinder):
+class _MergekitFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _WATCHED:
+        extend = _AFTER_IMPORT.get(fullname)
+        if extend is None:
             return None
         # Find the real spec with the other finders, then wrap its loader.
         sys.meta_path.remove(self)
@@ -59,16 +94,17 @@ class _MergeMethodsFinder(importlib.abc.MetaPathFinder):
             sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _RegisterAfterExec(spec.loader)
+        spec.loader = _ExtendAfterExec(spec.loader, extend)
         return spec
 
 
 def install() -> None:
-    """Put the finder on ``sys.meta_path`` (idempotent; never raises)."""
+    """Extend mergekit now if it is imported, else when it is (idempotent; never raises)."""
     try:
-        if _WATCHED in sys.modules:  # imported before us: register now
-            register()
-        elif not any(isinstance(f, _MergeMethodsFinder) for f in sys.meta_path):
-            sys.meta_path.insert(0, _MergeMethodsFinder())
+        for name, extend in _AFTER_IMPORT.items():
+            if name in sys.modules:
+                extend(sys.modules[name])
+        if not any(isinstance(finder, _MergekitFinder) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _MergekitFinder())
     except Exception as error:  # a broken plugin must never break the interpreter
         print(f"mergekit-ftt: start-up hook disabled: {error!r}", file=sys.stderr)

@@ -1,0 +1,193 @@
+"""Fine-tuning transfer (Lin et al., 2025): ``target + Σ_i weight_i · (finetuned_i − source_base)``.
+
+``base_model`` is the *target* M_t. The other inputs carry a ``role``: exactly one
+``source_base`` M_s and one or more ``source_finetuned`` FT(M_s), each with its own
+``weight`` (the paper's α, default 1). The deltas are measured against ``source_base``,
+never against the target, which is what ``task_arithmetic`` with ±1 weights gets wrong
+once deltas are sparsified or sign-elected.
+
+The dense transfer is computed in float64, chunk by chunk, and rounded once to the
+merge dtype: the output is bit-identical to a float64 reference rounded to the output
+dtype, and no float copy of a whole input is ever made. With ``sparsification_method``
+or ``consensus_method`` set, the deltas go through mergekit's own ``sparsify`` and TIES
+sign election (``get_mask``) in float32, as mergekit's ``ties``/``dare_ties``/``della``
+do for task vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from enum import Enum
+
+import click
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    InputContract,
+    PerNonBase,
+    TensorGroup,
+)
+from mergekit.merge_methods.easy_define import merge_method
+from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, get_mask
+from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
+
+from mergekit_ftt import METHOD_NAME, PAPER_URL
+
+# Elements per float64 work chunk: 8 MiB buffers stay in cache and bound scratch memory.
+CHUNK_ELEMENTS = 1 << 20
+
+
+class Role(str, Enum):
+    source_base = "source_base"
+    source_finetuned = "source_finetuned"
+
+
+class FinetuningTransferError(click.ClickException, ValueError):
+    """A ``finetuning_transfer`` configuration that cannot be merged.
+
+    mergekit's commands are click commands: a ``ClickException`` reaches the user as
+    ``Error: <message>`` with exit status 1 instead of a traceback.
+    """
+
+
+def split_roles(roles: Mapping[Hashable, object]) -> tuple[Hashable, list[Hashable]]:
+    """Return ``(source_base, [source_finetuned, ...])`` or raise with the fix.
+
+    ``roles`` maps each non-target input to its ``role`` parameter.
+    """
+    by_role: dict[str, list[Hashable]] = {role.value: [] for role in Role}
+    for model, role in roles.items():
+        value = role.value if isinstance(role, Role) else role
+        if value not in by_role:
+            raise FinetuningTransferError(
+                f"{METHOD_NAME}: model {model} has role {value!r}; every model except "
+                f"base_model (the target) needs `parameters: {{role: source_base}}` or "
+                f"`parameters: {{role: source_finetuned}}`."
+            )
+        by_role[value].append(model)
+    bases, finetuned = by_role[Role.source_base.value], by_role[Role.source_finetuned.value]
+    if len(bases) != 1:
+        found = "none" if not bases else ", ".join(str(b) for b in bases)
+        raise FinetuningTransferError(
+            f"{METHOD_NAME} needs exactly one model with `role: source_base` (the model the "
+            f"fine-tuned models were trained from); found {found}. Give the source base "
+            f"model `parameters: {{role: source_base}}`; the target goes in base_model."
+        )
+    if not finetuned:
+        raise FinetuningTransferError(
+            f"{METHOD_NAME} needs at least one model with `role: source_finetuned` (the "
+            f"fine-tuned model whose delta is transferred); only {bases[0]} was given."
+        )
+    return bases[0], finetuned
+
+
+def _dense_transfer(
+    target: torch.Tensor,
+    source_base: torch.Tensor,
+    finetuned: list[torch.Tensor],
+    weights: list[float],
+) -> torch.Tensor:
+    out = torch.empty_like(target, memory_format=torch.contiguous_format)
+    flat_out = out.view(-1)
+    flat_base = source_base.reshape(-1)
+    flat_target = target.reshape(-1)
+    flat_finetuned = [tensor.reshape(-1) for tensor in finetuned]
+    for start in range(0, flat_out.numel(), CHUNK_ELEMENTS):
+        window = slice(start, start + CHUNK_ELEMENTS)
+        base64 = flat_base[window].to(torch.float64)
+        delta_sum = torch.zeros_like(base64)
+        for tensor, weight in zip(flat_finetuned, weights, strict=True):
+            delta = tensor[window].to(torch.float64).sub_(base64)
+            delta_sum.add_(delta.mul_(weight) if weight != 1.0 else delta)
+        flat_out[window] = delta_sum.add_(flat_target[window].to(torch.float64))
+    return out
+
+
+def _sparse_transfer(
+    target: torch.Tensor,
+    source_base: torch.Tensor,
+    finetuned: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float],
+    sparsification_method: SparsificationMethod | None,
+    consensus_method: ConsensusMethod | None,
+    rescale: bool,
+    normalize: bool,
+    epsilon: list[float],
+    gamma: list[float],
+) -> torch.Tensor:
+    base32 = source_base.to(torch.float32)
+    deltas = torch.empty((len(finetuned), *target.shape), dtype=torch.float32, device=target.device)
+    for index, tensor in enumerate(finetuned):
+        delta = tensor.to(torch.float32) - base32
+        if sparsification_method is not None:
+            delta = sparsify(
+                delta,
+                density=densities[index],
+                method=sparsification_method,
+                gamma=gamma[index],
+                epsilon=epsilon[index],
+                rescale_norm=RescaleNorm.l1 if rescale else None,
+            )
+        deltas[index] = delta
+    del base32
+    weight_tensor = torch.tensor(weights, dtype=torch.float32, device=target.device)
+    weight_tensor = weight_tensor.view(len(weights), *(1,) * target.dim())
+    deltas.mul_(weight_tensor)
+    if consensus_method is not None:
+        mask = get_mask(deltas, method=consensus_method.value)
+        deltas.mul_(mask)
+        divisor = (weight_tensor * mask).sum(dim=0)
+    else:
+        divisor = weight_tensor.sum(dim=0).expand(target.shape)
+    mixed = deltas.sum(dim=0)
+    if normalize:
+        mixed /= torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    return (target.to(torch.float32) + mixed).to(target.dtype)
+
+
+@merge_method(
+    name=METHOD_NAME,
+    pretty_name="Fine-tuning Transfer",
+    reference_url=PAPER_URL,
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
+)
+def finetuning_transfer(
+    group: TensorGroup,
+    role: PerNonBase[str],
+    weight: PerNonBase[float] = 1.0,
+    density: PerNonBase[float] = 1.0,
+    epsilon: PerNonBase[float] = 0.15,
+    gamma: PerNonBase[float] = 0.01,
+    sparsification_method: SparsificationMethod | None = None,
+    consensus_method: ConsensusMethod | None = None,
+    rescale: bool = False,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Transfer the deltas ``finetuned − source_base`` onto the target (the base input).
+
+    ``weight``, ``density``, ``epsilon`` and ``gamma`` are read for ``source_finetuned``
+    inputs only; ``density``/``epsilon``/``gamma``/``rescale`` take effect with a
+    ``sparsification_method``, ``normalize`` divides by the summed (sign-elected)
+    weights as in TIES.
+    """
+    source_base_id, finetuned_ids = split_roles(role)
+    entries = {entry.id: entry.tensor for entry in group.non_base}
+    target = group.base.tensor
+    finetuned = [entries[model] for model in finetuned_ids]
+    weights = [weight[model] for model in finetuned_ids]
+    if sparsification_method is None and consensus_method is None and not normalize:
+        return _dense_transfer(target, entries[source_base_id], finetuned, weights)
+    return _sparse_transfer(
+        target,
+        entries[source_base_id],
+        finetuned,
+        weights,
+        densities=[density[model] for model in finetuned_ids],
+        sparsification_method=sparsification_method,
+        consensus_method=consensus_method,
+        rescale=rescale,
+        normalize=normalize,
+        epsilon=[epsilon[model] for model in finetuned_ids],
+        gamma=[gamma[model] for model in finetuned_ids],
+    )

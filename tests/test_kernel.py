@@ -1,0 +1,151 @@
+"""The merge kernel against independent NumPy float64 references (mergekit's tensor API)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mergekit.merge_methods.api import merge_tensors
+
+from mergekit_ftt.merge_methods.finetuning_transfer import (
+    CHUNK_ELEMENTS,
+    FinetuningTransferError,
+)
+
+IDS = ["target", "ft_a", "ft_b", "source_base"]
+ROLES = {"ft_a": "source_finetuned", "ft_b": "source_finetuned", "source_base": "source_base"}
+
+
+def random_inputs(shape, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(dtype) for _ in IDS]
+
+
+def as_float64(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to(torch.float32).numpy().astype(np.float64)
+
+
+def numpy_reference(target, ft_a, ft_b, source_base, weight_a, weight_b) -> np.ndarray:
+    base = as_float64(source_base)
+    deltas = weight_a * (as_float64(ft_a) - base) + weight_b * (as_float64(ft_b) - base)
+    return deltas + as_float64(target)
+
+
+def transfer(tensors, **parameters):
+    # mergekit binds a per-input mapping for every non-base input; the kernel reads
+    # weights and densities of the fine-tuned inputs only.
+    parameters = {
+        name: {"source_base": 1.0, **value} if isinstance(value, dict) else value
+        for name, value in parameters.items()
+    }
+    return merge_tensors(
+        tensors,
+        "finetuning_transfer",
+        ids=IDS,
+        base_index=0,
+        parameters={"role": ROLES, **parameters},
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+# More elements than one work chunk, and a count that is not a multiple of it.
+@pytest.mark.parametrize("shape", [(3, 5), (CHUNK_ELEMENTS // 512 + 3, 512)])
+def test_dense_transfer_is_float64_rounded_once(dtype, shape):
+    tensors = random_inputs(shape, dtype)
+    weights = {"ft_a": 0.7, "ft_b": 1.3}
+    merged = transfer(tensors, weight=weights)
+    expected = numpy_reference(*tensors, weights["ft_a"], weights["ft_b"])
+    assert merged.dtype == dtype
+    assert merged.shape == shape
+    assert torch.equal(merged, torch.from_numpy(expected).to(dtype))
+
+
+def test_bf16_transfer_differs_from_bf16_task_arithmetic():
+    """Why the method computes in float64: bf16 arithmetic mis-rounds many elements."""
+    target, ft, _, source_base = random_inputs((256, 256), torch.bfloat16, seed=3)
+    exact = torch.from_numpy(numpy_reference(target, ft, ft, source_base, 1.0, 0.0))
+    in_bf16 = target + (ft - source_base)
+    merged = transfer([target, ft, ft, source_base], weight={"ft_a": 1.0, "ft_b": 0.0})
+    assert torch.equal(merged, exact.to(torch.bfloat16))
+    mis_rounded = (in_bf16 != exact.to(torch.bfloat16)).float().mean().item()
+    assert mis_rounded > 0.05
+
+
+def test_default_weight_is_one():
+    tensors = random_inputs((4, 4), torch.float32)
+    expected = numpy_reference(*tensors, 1.0, 1.0)
+    assert torch.equal(transfer(tensors), torch.from_numpy(expected).to(torch.float32))
+
+
+def numpy_magnitude_mask(delta: np.ndarray, density: float) -> np.ndarray:
+    keep = max(1, int(density * delta.size))
+    threshold_order = np.argsort(-np.abs(delta), axis=None, kind="stable")[:keep]
+    mask = np.zeros(delta.size)
+    mask[threshold_order] = 1
+    return mask.reshape(delta.shape)
+
+
+def test_ties_consensus_uses_deltas_against_source_base():
+    tensors = random_inputs((16, 16), torch.float32, seed=1)
+    target, ft_a, ft_b, source_base = (as_float64(t) for t in tensors)
+    weights, density = {"ft_a": 1.0, "ft_b": 0.5}, 0.5
+    merged = transfer(
+        tensors,
+        weight=weights,
+        density=density,
+        sparsification_method="magnitude",
+        consensus_method="sum",
+        normalize=True,
+    )
+    deltas = []
+    for ft, weight in ((ft_a, weights["ft_a"]), (ft_b, weights["ft_b"])):
+        delta = ft - source_base
+        deltas.append(weight * delta * numpy_magnitude_mask(delta, density))
+    deltas = np.stack(deltas)
+    elected_sign = np.where(deltas.sum(axis=0) >= 0, 1.0, -1.0)
+    agrees = np.sign(deltas) == elected_sign
+    divisor = (np.array([1.0, 0.5])[:, None, None] * agrees).sum(axis=0)
+    divisor[divisor == 0] = 1
+    expected = target + (deltas * agrees).sum(axis=0) / divisor
+    np.testing.assert_allclose(merged.numpy(), expected, rtol=0, atol=1e-5)
+    # Entries where neither sparsified delta survives keep the target's value exactly.
+    untouched = (deltas == 0).all(axis=0)
+    assert untouched.any()
+    assert torch.equal(merged[torch.from_numpy(untouched)], tensors[0][torch.from_numpy(untouched)])
+
+
+@pytest.mark.parametrize(
+    ("roles", "message"),
+    [
+        (
+            {"ft_a": "source_finetuned", "ft_b": "source_finetuned", "source_base": "x"},
+            "role 'x'",
+        ),
+        (
+            {"ft_a": "source_base", "ft_b": "source_finetuned", "source_base": "source_base"},
+            "exactly one model with `role: source_base`",
+        ),
+        (
+            {"ft_a": "source_base", "ft_b": "source_base", "source_base": "source_base"},
+            "exactly one model with `role: source_base`",
+        ),
+    ],
+)
+def test_role_errors_name_the_fix(roles, message):
+    tensors = random_inputs((2, 2), torch.float32)
+    with pytest.raises((FinetuningTransferError, ValueError), match=message):
+        merge_tensors(
+            tensors, "finetuning_transfer", ids=IDS, base_index=0, parameters={"role": roles}
+        )
+
+
+def test_no_finetuned_model_is_an_error():
+    tensors = random_inputs((2, 2), torch.float32)[:2]
+    with pytest.raises(ValueError, match="at least 2 non-base inputs"):
+        merge_tensors(
+            tensors,
+            "finetuning_transfer",
+            ids=["target", "source_base"],
+            base_index=0,
+            parameters={"role": {"source_base": "source_base"}},
+        )
