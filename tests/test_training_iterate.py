@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,13 @@ def test_template_gets_each_rounds_models_by_role(tmp_path):
             {"model": "M_b", "parameters": {"role": "source_base"}},
         ],
         "dtype": "bfloat16",
+        "tokenizer": {"source": str(tmp_path / "round1" / "finetuned")},
     }
-    bad = {**template, "models": [{"model": "x", "parameters": {"role": "finetuned"}}]}
-    with pytest.raises(iterate.IterateError, match=r"role 'finetuned'.*source_finetuned"):
-        iterate.fill_template(bad, rounds[0])
+    bad_role = [{"model": "SOURCE_FINETUNED", "parameters": {"role": "finetuned"}}]
+    with pytest.raises(iterate.IterateError, match=r"role 'finetuned'; use model SOURCE_"):
+        iterate.fill_template({**template, "models": bad_role}, rounds[0])
+    with pytest.raises(iterate.IterateError, match="exactly one source_finetuned"):
+        iterate.fill_template({**template, "models": template["models"][:1]}, rounds[0])
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -66,6 +70,8 @@ def test_two_rounds_of_transfer_then_finetune(tmp_path, capsys):
                 0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(5))
             )
     later.save_pretrained(inputs / "later")
+    shutil.copy(inputs / "target" / "tokenizer.json", inputs / "later")
+    shutil.copy(inputs / "target" / "tokenizer_config.json", inputs / "later")
 
     config = tmp_path / "train.yaml"
     config.write_text(

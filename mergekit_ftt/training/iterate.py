@@ -61,6 +61,7 @@ def plan_rounds(
 ) -> list[Round]:
     """Each round's delta is the previous round's fine-tuned model minus its target."""
     rounds = []
+    work_dir = work_dir.resolve()  # absolute, so that mergekit never takes it for a Hub id
     for index, target in enumerate(targets, start=1):
         round_ = Round(index, target, source_base, source_finetuned, work_dir / f"round{index}")
         rounds.append(round_)
@@ -68,28 +69,49 @@ def plan_rounds(
     return rounds
 
 
+def model_reference(path: Path) -> str:
+    """How a recipe names a model: a relative local folder gets "./" (mergekit would take
+    "checkpoints/M5" for a Hub id); anything else, e.g. "org/model@revision", is kept."""
+    if path.is_dir() and not path.is_absolute():
+        return f"./{path}"
+    return str(path)
+
+
 def fill_template(template: dict, round_: Round) -> dict:
-    """The template with this round's target and the model of each role filled in."""
-    paths = {"source_finetuned": round_.source_finetuned, "source_base": round_.source_base}
-    recipe = {**template, "base_model": str(round_.target)}
-    models = []
-    for entry in template.get("models", []):
+    """The template with the placeholders TARGET, SOURCE_FINETUNED and SOURCE_BASE replaced
+    by this round's models, wherever they stand as a whole value."""
+    values = {
+        "TARGET": model_reference(round_.target),
+        "SOURCE_FINETUNED": model_reference(round_.source_finetuned),
+        "SOURCE_BASE": model_reference(round_.source_base),
+    }
+    recipe = _substitute(template, values)
+    for entry in recipe.get("models", []):
         role = (entry.get("parameters") or {}).get("role")
-        if role not in paths:
+        expected = values.get(role.upper()) if isinstance(role, str) else None
+        if entry.get("model") != expected:
             raise IterateError(
-                f"recipe template: model {entry.get('model')!r} has role {role!r}; "
-                "each model needs role source_finetuned or source_base."
+                f"recipe template: model {entry.get('model')!r} has role {role!r}; use "
+                "model SOURCE_FINETUNED with role source_finetuned and model SOURCE_BASE "
+                "with role source_base."
             )
-        models.append({**entry, "model": str(paths[role])})
-    if sorted(entry["parameters"]["role"] for entry in models) != [
-        "source_base",
-        "source_finetuned",
-    ]:
+    roles = sorted(
+        (entry.get("parameters") or {}).get("role") for entry in recipe.get("models", [])
+    )
+    if recipe.get("base_model") != values["TARGET"] or roles != ["source_base", "source_finetuned"]:
         raise IterateError(
-            "recipe template needs exactly one source_finetuned and one source_base model."
+            "recipe template needs base_model: TARGET and exactly one source_finetuned and "
+            "one source_base model."
         )
-    recipe["models"] = models
     return recipe
+
+
+def _substitute(node, values: dict[str, str]):
+    if isinstance(node, dict):
+        return {key: _substitute(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_substitute(value, values) for value in node]
+    return values.get(node, node) if isinstance(node, str) else node
 
 
 def run_transfer(round_: Round, template: dict, mergekit_args: Sequence[str]) -> None:
