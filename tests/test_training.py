@@ -335,3 +335,25 @@ def test_accelerate_configs_load_without_deepspeed():
     assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
     for config in (zero3, fsdp):
         assert (config.mixed_precision, config.num_processes) == ("bf16", 4)
+
+
+def test_mixture_takes_fractions_and_rows_with_a_seed(tmp_path):
+    from mergekit_ftt.training.data import DatasetSource, load_mixture
+    from mergekit_ftt.training.smoke import arithmetic_rows, write_jsonl
+
+    first = write_jsonl(arithmetic_rows(10, seed=0), tmp_path / "a.jsonl")
+    second = write_jsonl(arithmetic_rows(20, seed=1), tmp_path / "b.json")
+    sources = [
+        DatasetSource(path=str(first), fraction=0.5),
+        DatasetSource(path=str(second), rows=3),
+    ]
+    mixture = load_mixture(sources, seed=7)
+    assert mixture.column_names == ["messages"] and len(mixture) == 5 + 3
+    assert list(load_mixture(sources, seed=7)["messages"]) == list(mixture["messages"])
+    assert list(load_mixture(sources, seed=8)["messages"]) != list(mixture["messages"])
+    full = load_mixture([DatasetSource(path=str(first), fraction=1.0)], seed=7)
+    assert full["messages"] == [row["messages"] for row in arithmetic_rows(10, seed=0)]
+    with pytest.raises(DatasetSpecError, match="has 20 rows, fewer than the 21 asked for"):
+        load_mixture([DatasetSource(path=str(second), rows=21)], seed=7)
+    with pytest.raises(DatasetSpecError, match="give `fraction` or `rows`, not both"):
+        DatasetSource(path="x.jsonl", fraction=0.5, rows=2)

@@ -56,12 +56,20 @@ def assert_transfer(merged: Path, target: Path, finetuned: Path, base: Path) -> 
         torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread than on two busy shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @needs_method
 @pytest.mark.slow
-def test_two_rounds_of_transfer_then_finetune(tmp_path, capsys):
+def test_two_rounds_of_transfer_then_finetune(tmp_path, capsys, one_thread):
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
     inputs = make_smoke_inputs(tmp_path / "in", rows=48)
     later = AutoModelForCausalLM.from_pretrained(inputs / "target")
     with torch.no_grad():
