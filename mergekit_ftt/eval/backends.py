@@ -53,12 +53,20 @@ def default_backend() -> Backend:
     return "vllm" if find_spec("vllm") is not None and _cuda_available() else "hf"
 
 
-def require_backend(backend: str) -> None:
+def require_backend(backend: str, options: BackendOptions | None = None) -> None:
     """Fail early, before any model loads, when ``backend`` cannot run here."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "vllm" and find_spec("vllm") is None:
+    if backend != "vllm":
+        return
+    if find_spec("vllm") is None:
         raise BackendUnavailable(VLLM_INSTALL_HINT)
+    # lm-eval runs vLLM data parallelism as Ray workers.
+    if options is not None and options.data_parallel_size > 1 and find_spec("ray") is None:
+        raise BackendUnavailable(
+            "data_parallel_size > 1 needs Ray: `pip install 'mergekit-ftt[vllm]'` brings it, "
+            "or use --data-parallel-size 1"
+        )
 
 
 def model_args(

@@ -127,6 +127,8 @@ def _run(args: argparse.Namespace) -> None:
     bases = dict(args.base)
     models = [ModelSpec(label, path, bases.get(label)) for label, path in args.model]
     if args.via_olmes:
+        if not args.suite:
+            raise ValueError("--via-olmes runs a suite's OLMES task ids: give --suite, not --tasks")
         olmes.run_suite(
             models,
             args.suite,

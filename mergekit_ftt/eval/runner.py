@@ -8,7 +8,8 @@ Layout under ``output_dir`` (lm-eval's own, with the model label as the folder n
 
 Each column's task is evaluated in its own ``simple_evaluate`` call on one loaded model, so
 that the chat settings can differ per task and a crash loses at most the task in progress:
-a rerun skips every task that already has a results file for the same ``limit``.
+a rerun skips every task that already has a results file with the same ``limit`` and
+chat settings.
 """
 
 from __future__ import annotations
@@ -131,15 +132,23 @@ def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
     return manager
 
 
-def finished_tasks(model_dir: Path, limit: float | None) -> dict[str, Path]:
-    """Task/group name -> newest results file that holds it, among runs with this ``limit``."""
-    done: dict[str, Path] = {}
+def _settings(limit: float | None, chat: bool, multiturn: bool) -> tuple:
+    """What makes two results of one task comparable (besides the model)."""
+    return (limit, chat, multiturn)
+
+
+def finished_tasks(model_dir: Path) -> dict[tuple[str, tuple], Path]:
+    """(task or group name, settings) -> the newest results file holding it."""
+    done: dict[tuple[str, tuple], Path] = {}
     for path in sorted(model_dir.glob("results_*.json")):  # dated names sort oldest first
         results = json.loads(path.read_text(encoding="utf-8"))
-        if results.get("config", {}).get("limit") != limit:
-            continue
+        settings = _settings(
+            results.get("config", {}).get("limit"),
+            bool(results.get("chat_template")),
+            bool(results.get("fewshot_as_multiturn")),
+        )
         for name in [*results.get("results", {}), *results.get("group_subtasks", {})]:
-            done[name] = path
+            done[name, settings] = path
     return done
 
 
@@ -231,8 +240,8 @@ def evaluate_models(
     include_paths = [Path(p) for p in include_path]
     suite = resolve_suite(suite_or_tasks, include_paths, apply_chat_template, fewshot_as_multiturn)
     backend = backend or backends.default_backend()
-    backends.require_backend(backend)
     options = options or BackendOptions()
+    backends.require_backend(backend, options)
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique, got {labels}")
@@ -243,20 +252,21 @@ def evaluate_models(
     for spec in models:
         model_dir = output_dir / spec.label
         _record_run(model_dir, spec, suite, force)
-        done = {} if force else finished_tasks(model_dir, limit)
+        done = {} if force else finished_tasks(model_dir)
         # The suite's defaults (e.g. OLMES's add_bos_token) yield to what the caller set.
         args = {**suite.model_args, **backends.model_args(backend, spec.pretrained, options)}
         lm = None
         written[spec.label] = {}
         for column in suite.columns:
-            if column.task in done:
+            previous = done.get((column.task, _settings(limit, *suite.chat_settings(column))))
+            if previous is not None:
                 log.info(
                     "%s / %s: finished in %s, not recomputed",
                     spec.label,
                     column.task,
-                    done[column.task],
+                    previous,
                 )
-                written[spec.label][column.task] = done[column.task]
+                written[spec.label][column.task] = previous
                 continue
             if lm is None:  # load only when some task is left to run
                 lm = _load_lm(backend, args, backends.batch_size(backend, options))
