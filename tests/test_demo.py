@@ -12,7 +12,7 @@ import pytest
 
 from mergekit_ftt.demo.cli import prepare_output
 from mergekit_ftt.demo.config import load_config
-from mergekit_ftt.demo.corpus import TaskConfig, World, sft_examples, test_examples
+from mergekit_ftt.demo.corpus import TaskConfig, World, held_out_examples, sft_examples
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def test_test_questions_ask_only_about_facts_told_in_stage_two():
     world = World.build(config, seed=3)
     late = {(f.a, f.b) for f in world.late}
     assert not late & {(f.a, f.b) for f in world.early}
-    for example in test_examples(world, config.test_examples, seed=3):
+    for example in held_out_examples(world, config.test_examples, seed=3):
         question, answer = (m["content"] for m in example["messages"])
         a, b = (int(word.rstrip("?")) for word in question.split() if word.rstrip("?").isdigit())
         assert (a, b) in late and int(answer) == a + b
@@ -88,4 +88,6 @@ def test_test_questions_ask_only_about_facts_told_in_stage_two():
 
 def test_too_few_late_facts_for_the_test_set_is_a_clear_error():
     with pytest.raises(ValueError, match="raise max_operand or late_fraction"):
-        World.build(TaskConfig(max_operand=3, late_fraction=0.1, test_examples=50), seed=0)
+        World.build(
+            TaskConfig(max_operand=3, late_fraction=0.1, sft_examples=10, test_examples=50), seed=0
+        )

@@ -11,7 +11,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,7 +100,6 @@ def run(args: argparse.Namespace) -> None:
     parts = ["main", *(["finetune_after"] if args.finetune_after else [])]
     prepare_output(args.out, settings, parts, args.overwrite)
     layout = Layout(args.out)
-    started = time.monotonic()
 
     world = pipeline.write_data(layout, config, args.seed)
     pipeline.run_pretraining(layout, config, world, args.seed)
@@ -120,13 +118,15 @@ def run(args: argparse.Namespace) -> None:
     print()
     print(table)
     print(
-        f"M_a, M_b: checkpoints of one pre-training run (M_b later); FT(·): fine-tuned on chat "
-        f"questions about facts both know; test: {config.task.test_examples} held-out questions "
-        f"about facts only M_b's later pre-training told. {TRANSFER} = M_b + (FT(M_a) − M_a)."
+        f"M_a = stage-2 step {config.checkpoint_a_step}, M_b = stage-2 step "
+        f"{config.pretrain.stage2.steps} of one pre-training run; FT(·) = fine-tuned with "
+        f"ftt-train on chat questions about early facts; test = {config.task.test_examples} "
+        f"held-out chat questions about facts first told in stage 2; {TRANSFER} = "
+        "M_b + (FT(M_a) − M_a) by mergekit-yaml (finetuning_transfer)."
     )
     for kind, path in paths.items():
         print(f"  {kind}: {path}")
-    print(f"[ftt-demo] done in {time.monotonic() - started:.0f} s")
+    say("done")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,14 +3,15 @@
 The design mirrors the paper's OLMo 2 experiment (M4 → M5, math SFT) in miniature:
 
 * Every addition fact ``a + b = c`` with operands up to ``max_operand`` is *early* (told in
-  pre-training prose from stage 1 on) or *late* (told only in the stage-2 continuation).
-  So M_b, like OLMo 2's later stage-2 checkpoint, knows more than M_a.
-* Pre-training is prose only ("23 plus 17 equals 40.") mixed with filler sentences: no base
+  pre-training prose from stage 1 on) or *late* (told only from stage 2 on, the annealing
+  stage). M_a is a checkpoint part-way through stage 2 and M_b its end, like OLMo 2's M4
+  and M5, so M_b has seen the late facts more often and knows them better.
+* Pre-training is prose only ("3 plus 7 equals 10.") mixed with filler sentences: no base
   model has ever seen a chat turn, so bases score zero on the chat-format test.
-* The SFT set asks about early facts in the Tülu chat format, so fine-tuning teaches the
-  format (answer a question with the bare number), not new facts.
-* The held-out test asks about late facts only: a model answers them if it knows stage 2's
-  facts (M_b) *and* has the chat skill (from its own SFT, or from a transferred delta).
+* The SFT set asks about early facts in the Tülu chat format, so fine-tuning mostly teaches
+  the format (answer a question with the bare number), not new facts.
+* The held-out test asks about late facts only: a model answers them if it knows them from
+  pre-training *and* has the chat skill (from its own SFT, or from a transferred delta).
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ class Fact:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Sizes of the synthetic world."""
+    """Sizes of the synthetic world (values: ``configs/full.yaml``, ``configs/quick.yaml``)."""
 
-    max_operand: int = 29
-    late_fraction: float = 0.3  # share of facts told only in stage 2
-    sft_examples: int = 400
-    test_examples: int = 200
+    max_operand: int
+    late_fraction: float  # share of facts told only from stage 2 on
+    sft_examples: int
+    test_examples: int
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def sft_examples(world: World, count: int, seed: int) -> list[dict]:
     return [chat_example(fact, rng) for fact in rng.choices(world.early, k=count)]
 
 
-def test_examples(world: World, count: int, seed: int) -> list[dict]:
+def held_out_examples(world: World, count: int, seed: int) -> list[dict]:
     """Held-out chat questions about late facts (told only in stage 2)."""
     rng = random.Random(seed + 1)
     return [chat_example(fact, rng) for fact in rng.sample(world.late, count)]

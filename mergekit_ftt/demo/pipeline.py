@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,11 @@ class Layout:
         return self.root / "report"
 
 
+_STARTED = time.monotonic()
+
+
 def say(message: str) -> None:
-    print(f"[ftt-demo] {message}", flush=True)
+    print(f"[ftt-demo {time.monotonic() - _STARTED:5.0f} s] {message}", flush=True)
 
 
 def is_finished_model(folder: Path) -> bool:
@@ -84,7 +88,7 @@ def write_data(layout: Layout, config: DemoConfig, seed: int) -> corpus.World:
         corpus.sft_examples(world, config.task.sft_examples, seed), layout.data / "sft.jsonl"
     )
     test_path = corpus.write_jsonl(
-        corpus.test_examples(world, config.task.test_examples, seed), layout.data / "test.jsonl"
+        corpus.held_out_examples(world, config.task.test_examples, seed), layout.data / "test.jsonl"
     )
     task = yaml.safe_load((CONFIGS_DIR / "eval_task.yaml").read_text(encoding="utf-8"))
     task["dataset_kwargs"]["data_files"]["test"] = str(test_path.resolve())

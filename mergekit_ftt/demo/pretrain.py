@@ -1,10 +1,11 @@
 """The demo's own miniature pre-training: a plain causal-LM loop in two stages.
 
-Stage 1 trains at a constant learning rate on early facts → M_a. Stage 2 continues the same
-run (same optimizer state) on early and late facts with more math and the learning rate
-annealed to zero → M_b, the way OLMo 2's stage-2 "ingredient" runs continue stage 1.
-This is not supervised fine-tuning (that is the project's TRL code); it only makes the two
-related checkpoints the transfer needs.
+Stage 1 trains at a constant learning rate on early facts. Stage 2 continues the same run
+(same optimizer state) on early and late facts with the learning rate annealed to zero, the
+way OLMo 2's stage-2 "ingredient" runs continue stage 1. Snapshots of stage 2 are the
+demo's checkpoints: M_a part-way through (OLMo 2's M4 is stage-2 step 6000), M_b at the end
+(M5, step 11931). This is not supervised fine-tuning (that is the project's TRL code); it
+only makes the two related checkpoints the transfer needs.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from mergekit_ftt.demo.corpus import World, documents
 class ModelConfig:
     """A tiny OLMo 2."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,11 @@ class StageConfig:
 class PretrainConfig:
     stage1: StageConfig
     stage2: StageConfig
-    learning_rate: float = 2e-3
-    warmup_steps: int = 50
-    batch_size: int = 32
-    sequence_length: int = 128
-    sentences_per_document: int = 8
+    learning_rate: float
+    warmup_steps: int
+    batch_size: int
+    sequence_length: int
+    sentences_per_document: int
 
 
 def token_stream(tokenizer, texts, length: int):
