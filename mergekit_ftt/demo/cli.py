@@ -20,7 +20,7 @@ from mergekit_ftt.demo.pipeline import FT_A, FT_B, M_A, M_B, TRANSFER, Layout, s
 
 RUN_FILE = "demo.json"
 LABELS = (M_A, M_B, FT_A, FT_B, TRANSFER)
-TITLE = "Fine-tuning transfer in miniature: a tiny OLMo 2, held-out chat sums"
+TITLE = "ftt-demo: tiny OLMo 2, held-out chat sums"
 
 
 class DemoError(RuntimeError):
@@ -71,7 +71,7 @@ def prepare_output(out: Path, settings: dict, parts: list[str], overwrite: bool)
             )
         elif record["settings"] != settings:
             raise DemoError(
-                f"{out} holds an unfinished demo run with other settings "
+                f"{out} holds a demo run with other settings "
                 f"({record['settings']['preset']}, seed {record['settings']['seed']}); "
                 "rerun with those to resume it, pass --overwrite, or choose another --out"
             )

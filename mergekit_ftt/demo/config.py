@@ -41,7 +41,6 @@ class DemoConfig:
     checkpoint_a_at: float
     finetune: FinetuneConfig
     finetune_after: FinetuneAfterConfig
-    eval_limit: int | None  # questions per model (None: the whole test set)
     torch_threads: int
 
     @property
@@ -66,7 +65,6 @@ def load_config(preset: str) -> DemoConfig:
         checkpoint_a_at=raw["checkpoint_a_at"],
         finetune=FinetuneConfig(**raw["finetune"]),
         finetune_after=FinetuneAfterConfig(**raw["finetune_after"]),
-        eval_limit=raw.get("eval_limit"),
         torch_threads=raw["torch_threads"],
     )
     if not 0 < config.checkpoint_a_at < 1:
