@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,20 @@ def test_mixture_takes_fractions_and_rows_with_a_seed(tmp_path):
         load_mixture([DatasetSource(path=str(second), rows=21)], seed=7)
     with pytest.raises(DatasetSpecError, match="give `fraction` or `rows`, not both"):
         DatasetSource(path="x.jsonl", fraction=0.5, rows=2)
+
+
+def test_hub_dataset_offline_is_a_clear_error(tmp_path):
+    code = (
+        "from mergekit_ftt.training.data import DatasetSource, load_mixture\n"
+        "load_mixture([DatasetSource('allenai/tulu-3-sft-personas-algebra')], seed=1)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert run.returncode == 1
+    assert (
+        "DatasetSpecError: could not load dataset 'allenai/tulu-3-sft-personas-algebra' "
+        "(split 'train')" in run.stderr
+    )
+    assert "offline, only datasets already in the Hugging Face cache" in run.stderr

@@ -15,6 +15,7 @@ chat settings.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import re
@@ -273,5 +274,6 @@ def evaluate_models(
             written[spec.label][column.task] = _run_task(
                 lm, args, column, suite, model_dir, manager, limit, options.seed, log_samples
             )
-        del lm  # free the weights before the next model loads
+        del lm  # free the weights (and vLLM's engine) before the next model loads
+        gc.collect()
     return written
