@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mergekit_ftt.demo.cli import prepare_output
+from mergekit_ftt.demo.cli import mark_finished, prepare_output
 from mergekit_ftt.demo.config import load_config
 from mergekit_ftt.demo.corpus import TaskConfig, World, held_out_examples, sft_examples
 
@@ -69,6 +69,21 @@ def test_unfinished_run_with_other_settings_is_not_resumed(tmp_path):
     prepare_output(tmp_path, {"preset": "quick", "seed": 0}, ["main"], overwrite=False)
     with pytest.raises(RuntimeError, match="other settings"):
         prepare_output(tmp_path, {"preset": "quick", "seed": 1}, ["main"], overwrite=False)
+
+
+def test_unfinished_run_resumes_and_a_finished_one_is_replaced_only_with_overwrite(tmp_path):
+    settings = {"preset": "quick", "seed": 0}
+    prepare_output(tmp_path, settings, ["main"], overwrite=False)
+    (tmp_path / "models").mkdir()
+    prepare_output(tmp_path, settings, ["main"], overwrite=False)  # resumes: keeps the stages
+    assert (tmp_path / "models").is_dir()
+    mark_finished(tmp_path, "main")
+    prepare_output(tmp_path, settings, ["main", "finetune_after"], overwrite=False)
+    assert (tmp_path / "models").is_dir()  # a new part on a finished run reuses its stages
+    with pytest.raises(RuntimeError, match="finished demo run"):
+        prepare_output(tmp_path, settings, ["main"], overwrite=False)
+    prepare_output(tmp_path, settings, ["main"], overwrite=True)
+    assert not (tmp_path / "models").exists()
 
 
 def test_test_questions_ask_only_about_facts_told_in_stage_two():

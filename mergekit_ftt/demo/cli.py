@@ -57,6 +57,8 @@ def prepare_output(out: Path, settings: dict, parts: list[str], overwrite: bool)
     """Start, resume or (with ``--overwrite``) restart the run in ``out``; never clobber
     a finished run or a folder that is not a demo run."""
     record_path = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not record_path.exists():
         raise DemoError(f"{out} is not empty and holds no demo run; choose another --out")
     if record_path.exists():

@@ -21,6 +21,7 @@ import yaml
 from mergekit_ftt.demo import corpus
 from mergekit_ftt.demo.config import CONFIGS_DIR, DemoConfig
 from mergekit_ftt.demo.pretrain import pretrain
+from mergekit_ftt.training.sft import is_finished_model
 
 M_A, M_B, FT_A, FT_B, TRANSFER = "M_a", "M_b", "FT(M_a)", "FT(M_b)", "M_b + Δ_a"
 EVAL_TASK = "ftt_demo_sums"
@@ -70,12 +71,6 @@ _STARTED = time.monotonic()
 
 def say(message: str) -> None:
     print(f"[ftt-demo {time.monotonic() - _STARTED:5.0f} s] {message}", flush=True)
-
-
-def is_finished_model(folder: Path) -> bool:
-    from mergekit_ftt.training.sft import is_finished_model as finished
-
-    return finished(folder)
 
 
 # --- data ------------------------------------------------------------------------------
