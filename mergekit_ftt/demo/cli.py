@@ -1,7 +1,7 @@
 """``ftt-demo``: the paper's checkpoint-to-checkpoint transfer in miniature, offline on a CPU.
 
-ftt-demo                       # full run (about 10 minutes on 2 cores), output in ftt-demo-out/
-ftt-demo --quick --out /tmp/d  # smaller and faster (about 3 minutes)
+ftt-demo                       # full run (2-3 minutes on 2 cores), output in ftt-demo-out/
+ftt-demo --quick --out /tmp/d  # smaller and faster (about 1.5 minutes)
 ftt-demo --finetune-after      # also transfer-then-finetune vs fine-tuning M_b alone
 """
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("ftt-demo-out"), help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, models and training")
-    parser.add_argument("--quick", action="store_true", help="smaller run, for tests (~3 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller run, for tests (~1.5 min)")
     parser.add_argument(
         "--finetune-after",
         action="store_true",
