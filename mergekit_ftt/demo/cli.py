@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
 
 from mergekit_ftt.demo import pipeline
@@ -19,6 +20,7 @@ from mergekit_ftt.demo.config import load_config
 from mergekit_ftt.demo.pipeline import FT_A, FT_B, M_A, M_B, TRANSFER, Layout, say
 
 RUN_FILE = "demo.json"
+DEMO_MODULES = ("trl", "datasets", "lm_eval", "matplotlib")  # the [demo] extra
 LABELS = (M_A, M_B, FT_A, FT_B, TRANSFER)
 TITLE = "ftt-demo: tiny OLMo 2, held-out chat sums"
 
@@ -51,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default from the preset: 1, fastest on a busy 2-core machine)",
     )
     return parser
+
+
+def require_extras() -> None:
+    """The demo runs the training and eval stacks: say what to install if one is missing."""
+    missing = [name for name in DEMO_MODULES if find_spec(name) is None]
+    if missing:
+        raise DemoError(
+            f"ftt-demo needs {', '.join(missing)}, which is not installed: "
+            "pip install 'mergekit-ftt[demo]'"
+        )
 
 
 def prepare_output(out: Path, settings: dict, parts: list[str], overwrite: bool) -> None:
@@ -92,6 +104,7 @@ def mark_finished(out: Path, part: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    require_extras()
     import torch
 
     preset = "quick" if args.quick else "full"
@@ -133,9 +146,11 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mergekit_ftt.training.iterate import IterateError
+
     try:
         run(args)
-    except DemoError as error:
+    except (DemoError, IterateError) as error:
         print(f"ftt-demo: error: {error}", file=sys.stderr)
         return 2
     return 0
