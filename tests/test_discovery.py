@@ -14,10 +14,10 @@ from conftest import OFFLINE_ENV, run_cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-def python_says(python: str, code: str, **env) -> str:
-    result = subprocess.run(
-        [python, "-c", code], env={**OFFLINE_ENV, **env}, capture_output=True, text=True
-    )
+def python_says(python: str, code: str, **env: str | None) -> str:
+    environment = {**OFFLINE_ENV, **env}
+    environment = {key: value for key, value in environment.items() if value is not None}
+    result = subprocess.run([python, "-c", code], env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -80,4 +80,5 @@ def test_wheel_install_registers_through_pth(tmp_path):
         f"print(mergekit_ftt.__file__.startswith({str(env_dir)!r}),"
         " get('finetuning_transfer').spec.name)"
     )
-    assert python_says(python, code) == "True finetuning_transfer"
+    # Without PYTHONPATH, so that a checkout on it cannot stand in for the wheel.
+    assert python_says(python, code, PYTHONPATH=None) == "True finetuning_transfer"

@@ -1,0 +1,240 @@
+"""The demo's stages, each skipped when its output is already there (so a killed run resumes).
+
+    data → pre-training (M_a, M_b) → fine-tuning with ftt-train (FT(M_a), FT(M_b))
+         → transfer with mergekit-yaml (M_b + Δ_a) → lm-eval through mergekit_ftt.eval → report
+
+Only pre-training is the demo's own loop; fine-tuning, the merge and the evaluation are the
+project's code, run exactly as a user runs them on real checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mergekit_ftt.demo import corpus
+from mergekit_ftt.demo.config import CONFIGS_DIR, DemoConfig
+from mergekit_ftt.demo.pretrain import pretrain
+from mergekit_ftt.training.sft import is_finished_model
+
+M_A, M_B, FT_A, FT_B, TRANSFER = "M_a", "M_b", "FT(M_a)", "FT(M_b)", "M_b + Δ_a"
+EVAL_TASK = "ftt_demo_sums"
+EVAL_SUITE = "ftt-demo"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage writes, under the output folder."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tasks(self) -> Path:
+        return self.data / "eval_tasks"
+
+    def model(self, label: str) -> Path:
+        """The model folder of a table row (folder names without spaces or brackets)."""
+        names = {M_A: "M_a", M_B: "M_b", FT_A: "FT_M_a", FT_B: "FT_M_b"}
+        if label == TRANSFER:
+            return self.transfer / "transferred"
+        return self.root / "models" / names[label]
+
+    @property
+    def transfer(self) -> Path:
+        return self.root / "transfer"
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+_STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[ftt-demo {time.monotonic() - _STARTED:5.0f} s] {message}", flush=True)
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def write_data(layout: Layout, config: DemoConfig, seed: int) -> corpus.World:
+    """The synthetic world, the SFT set, the held-out test set and its lm-eval task files."""
+    world = corpus.World.build(config.task, seed)
+    corpus.write_jsonl(
+        corpus.sft_examples(world, config.task.sft_examples, seed), layout.data / "sft.jsonl"
+    )
+    test_path = corpus.write_jsonl(
+        corpus.held_out_examples(world, config.task.test_examples, seed), layout.data / "test.jsonl"
+    )
+    task = yaml.safe_load((CONFIGS_DIR / "eval_task.yaml").read_text(encoding="utf-8"))
+    task["dataset_kwargs"]["data_files"]["test"] = str(test_path.resolve())
+    layout.tasks.mkdir(parents=True, exist_ok=True)
+    (layout.tasks / "eval_task.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    suite = (CONFIGS_DIR / "eval_suite.yaml").read_text(encoding="utf-8")
+    (layout.tasks / f"{EVAL_SUITE}.yaml").write_text(suite)
+    return world
+
+
+def build_tokenizer():
+    """Characters as tokens (byte-level BPE with no merges) plus the chat markers, with the
+    Tülu template that starts with BOS, as ``ftt-train`` renders it."""
+    from mergekit_ftt.tiny import build_tokenizer as bpe_tokenizer
+    from mergekit_ftt.training.sft import tulu_chat_template
+
+    tokenizer = bpe_tokenizer([], vocab_size=0)  # 0: the 256 bytes, no merges
+    tokenizer.chat_template = tulu_chat_template(add_bos=True)
+    return tokenizer
+
+
+# --- pre-training ----------------------------------------------------------------------
+
+
+def run_pretraining(layout: Layout, config: DemoConfig, world: corpus.World, seed: int) -> None:
+    if is_finished_model(layout.model(M_A)) and is_finished_model(layout.model(M_B)):
+        say("pre-training: M_a and M_b exist, skipped")
+        return
+    stage1, stage2 = config.pretrain.stage1, config.pretrain.stage2
+    say(
+        f"pre-training a tiny OLMo 2: stage 1 {stage1.steps} steps, stage 2 {stage2.steps} "
+        f"annealed steps; M_a = stage-2 step {config.checkpoint_a_step}, M_b = the end"
+    )
+    pretrain(
+        world,
+        build_tokenizer(),
+        config.model,
+        config.pretrain,
+        seed,
+        {(2, config.checkpoint_a_step): layout.model(M_A), (2, stage2.steps): layout.model(M_B)},
+    )
+
+
+# --- fine-tuning (mergekit_ftt.training) ---------------------------------------------------
+
+
+def write_trl_config(
+    layout: Layout,
+    config: DemoConfig,
+    name: str,
+    model: Path,
+    output_dir: Path,
+    seed: int,
+    **overrides,
+) -> Path:
+    """An ``ftt-train`` YAML for one run: the demo's template with this run's paths."""
+    settings = yaml.safe_load((CONFIGS_DIR / config.finetune.trl_config).read_text())
+    settings.update(
+        {
+            "model_name_or_path": str(model.resolve()),
+            "output_dir": str(output_dir.resolve()),
+            "datasets": [{"path": str((layout.data / "sft.jsonl").resolve())}],
+            "seed": seed,
+            "dataset_seed": seed,
+            "max_steps": config.finetune.max_steps,
+            **overrides,
+        }
+    )
+    layout.configs.mkdir(parents=True, exist_ok=True)
+    path = layout.configs / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def finetune(trl_config: Path, callbacks: Sequence = ()) -> Path:
+    """Run the project's TRL fine-tuning in this process, as ``ftt-train --config`` does."""
+    from mergekit_ftt.training.sft import parse_args, train
+
+    return train(*parse_args(["--config", str(trl_config)]), callbacks=callbacks)
+
+
+def run_finetuning(layout: Layout, config: DemoConfig, seed: int) -> None:
+    for base, tuned in ((M_A, FT_A), (M_B, FT_B)):
+        if is_finished_model(layout.model(tuned)):
+            say(f"fine-tuning: {tuned} exists, skipped")
+            continue
+        path = write_trl_config(
+            layout, config, layout.model(tuned).name, layout.model(base), layout.model(tuned), seed
+        )
+        say(f"fine-tuning {base} → {tuned} with ftt-train --config {path}")
+        finetune(path)
+
+
+# --- transfer (mergekit-yaml) ----------------------------------------------------------
+
+
+def run_transfer(layout: Layout, threads: int) -> None:
+    """M_b + (FT(M_a) − M_a) through the real ``mergekit-yaml``, as one ``ftt-iterate`` round."""
+    from mergekit_ftt.training import iterate
+
+    if is_finished_model(layout.model(TRANSFER)):
+        say(f"transfer: {TRANSFER} exists, skipped")
+        return
+    round_ = iterate.Round(
+        index=1,
+        target=layout.model(M_B).resolve(),
+        source_base=layout.model(M_A).resolve(),
+        source_finetuned=layout.model(FT_A).resolve(),
+        folder=layout.transfer.resolve(),
+    )
+    template = yaml.safe_load((CONFIGS_DIR / "recipe.yml").read_text(encoding="utf-8"))
+    say(f"transfer: mergekit-yaml {layout.transfer / 'transfer.yml'} (finetuning_transfer)")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for the mergekit-yaml child
+    iterate.run_transfer(round_, template, ["--lazy-unpickle"])
+
+
+# --- evaluation and report (mergekit_ftt.eval) -------------------------------------------
+
+
+def evaluate(layout: Layout, labels: Sequence[str], output_dir: Path | None = None) -> None:
+    """lm-eval (hf backend, CPU, chat template) on the held-out task, resumable per model."""
+    from mergekit_ftt.eval import BackendOptions, ModelSpec, evaluate_models
+
+    models = [
+        ModelSpec(
+            label, str(layout.model(label).resolve()), base=M_B if label == TRANSFER else None
+        )
+        for label in labels
+    ]
+    evaluate_models(
+        models,
+        EVAL_SUITE,
+        output_dir or layout.eval,
+        backend="hf",
+        options=BackendOptions(device="cpu", dtype="float32", batch_size=1),
+        include_path=[layout.tasks],
+        log_samples=True,
+    )
+
+
+def write_report(layout: Layout, labels: Sequence[str], title: str) -> tuple[str, dict[str, Path]]:
+    """The paper-shaped table as Markdown, CSV, JSON and a PNG bar chart."""
+    from mergekit_ftt.eval.report import build_table, to_markdown
+    from mergekit_ftt.eval.report import write_report as write_files
+
+    table = build_table([layout.eval / label for label in labels])
+    paths = write_files(table, layout.report, title)
+    paths["json"] = layout.report / "results.json"
+    scores = {
+        row.label: {"base": row.base, "scores": {c: table.score(row, c) for c in table.columns}}
+        for row in table.rows
+    }
+    paths["json"].write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+    return to_markdown(table), paths

@@ -1,0 +1,279 @@
+"""Evaluate several models on a suite through ``lm_eval.simple_evaluate``.
+
+Layout under ``output_dir`` (lm-eval's own, with the model label as the folder name):
+
+    <output_dir>/<label>/results_<date>.json          one per finished task (EvaluationTracker)
+    <output_dir>/<label>/samples_<task>_<date>.jsonl  per-sample logs
+    <output_dir>/<label>/ftt_run.json                 the ModelSpec and the suite's columns
+
+Each column's task is evaluated in its own ``simple_evaluate`` call on one loaded model, so
+that the chat settings can differ per task and a crash loses at most the task in progress:
+a rerun skips every task that already has a results file with the same ``limit`` and
+chat settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mergekit_ftt.eval import backends
+from mergekit_ftt.eval.backends import BackendOptions
+from mergekit_ftt.eval.suites import SUITES_DIR, Column, Suite, adhoc_suite, load_suite
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "ftt_run.json"
+_UNSAFE_LABEL = re.compile(r"[/\\\x00]|^\.{1,2}$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate.
+
+    ``label`` names the table row and the output folder. ``base`` is the label of the
+    target base model this row was transferred onto (a "+ Δ" row); the report shows
+    such rows with their gain over that base.
+    """
+
+    label: str
+    pretrained: str  # local folder or Hub id
+    base: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.label or _UNSAFE_LABEL.search(self.label):
+            raise ValueError(
+                f"model label {self.label!r} cannot be a folder name (no '/', '\\\\', '.', '..')"
+            )
+
+
+def resolve_suite(
+    suite_or_tasks: str | Suite | Sequence[str],
+    include_paths: Sequence[Path],
+    apply_chat_template: bool | None,
+    fewshot_as_multiturn: bool | None,
+) -> Suite:
+    """A Suite from a suite name, a Suite, or a list of task names; caller settings win."""
+    if isinstance(suite_or_tasks, Suite):
+        suite = suite_or_tasks
+    elif isinstance(suite_or_tasks, str):
+        suite = load_suite(suite_or_tasks, include_paths)
+    else:
+        suite = adhoc_suite(list(suite_or_tasks))
+    overrides = {
+        key: value
+        for key, value in (
+            ("apply_chat_template", apply_chat_template),
+            ("fewshot_as_multiturn", fewshot_as_multiturn),
+        )
+        if value is not None
+    }
+    return replace(suite, **overrides)
+
+
+def _missing(index: dict, names: Sequence[str]) -> list[str]:
+    """Names, and members of the groups among them, that ``index`` cannot resolve."""
+    missing: list[str] = []
+    for name in names:
+        entry = index.get(name)
+        if entry is None:
+            missing.append(name)
+            continue
+        members = (entry.cfg or {}).get("task") if entry.cfg and "group" in entry.cfg else None
+        for member in members if isinstance(members, list) else ():
+            if isinstance(member, str):
+                missing += _missing(index, [member])
+            elif "group" in member and member["group"] in index:
+                missing += _missing(index, [member["group"]])
+            elif member.get("task") in index:  # a reference with overrides, not an inline task
+                missing += _missing(index, [member["task"]])
+    return missing
+
+
+def _yaml_state(paths: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    return tuple(
+        (str(f), f.stat().st_mtime_ns) for p in paths for f in sorted(Path(p).rglob("*.yaml"))
+    )
+
+
+@functools.cache
+def _cached_manager(paths: tuple[str, ...], builtin: bool, state: tuple):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=builtin)
+
+
+def _manager(paths: tuple[str, ...], builtin: bool):
+    # Keyed on the YAML files' mtimes too, so a task file edited between two calls is re-read.
+    return _cached_manager(paths, builtin, _yaml_state(paths))
+
+
+def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
+    """lm-eval's TaskManager over our suites and the caller's folders, and lm-eval's built-in
+    tasks only when ``tasks`` need them: indexing the built-ins takes tens of seconds, so
+    managers are also kept for later calls in the same process."""
+    paths = (str(SUITES_DIR), *map(str, include_paths))
+    local = _manager(paths, builtin=False)
+    if not _missing(local.task_index, tasks):
+        return local
+    manager = _manager(paths, builtin=True)
+    unknown = _missing(manager.task_index, tasks)
+    if unknown:
+        raise ValueError(
+            f"lm-eval knows no task or group named {', '.join(dict.fromkeys(unknown))}; "
+            "check the spelling or add the folder holding its YAML with --include-path"
+        )
+    return manager
+
+
+def _settings(limit: float | None, chat: bool, multiturn: bool) -> tuple:
+    """What makes two results of one task comparable (besides the model)."""
+    return (limit, chat, multiturn)
+
+
+def finished_tasks(model_dir: Path) -> dict[tuple[str, tuple], Path]:
+    """(task or group name, settings) -> the newest results file holding it."""
+    done: dict[tuple[str, tuple], Path] = {}
+    for path in sorted(model_dir.glob("results_*.json")):  # dated names sort oldest first
+        results = json.loads(path.read_text(encoding="utf-8"))
+        settings = _settings(
+            results.get("config", {}).get("limit"),
+            bool(results.get("chat_template")),
+            bool(results.get("fewshot_as_multiturn")),
+        )
+        for name in [*results.get("results", {}), *results.get("group_subtasks", {})]:
+            done[name, settings] = path
+    return done
+
+
+def _record_run(model_dir: Path, spec: ModelSpec, suite: Suite, force: bool) -> None:
+    """Write ftt_run.json; refuse to mix two different models under one label."""
+    record_path = model_dir / RUN_FILE
+    columns = [asdict(c) for c in suite.columns]
+    if record_path.exists():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record["model"]["pretrained"] != spec.pretrained and not force:
+            raise ValueError(
+                f"{model_dir} holds results of {record['model']['pretrained']!r}, not "
+                f"{spec.pretrained!r}; choose another label or output folder, or pass --force"
+            )
+        known = {c["task"] for c in columns}
+        columns = [c for c in record["columns"] if c["task"] not in known] + columns
+    model_dir.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(
+        json.dumps({"model": asdict(spec), "columns": columns}, indent=2, ensure_ascii=False),
+        encoding="utf-8",
+    )
+
+
+def _load_lm(backend: str, args: dict[str, Any], batch_size: int | str):
+    from lm_eval.api.registry import get_model
+
+    return get_model(backend).create_from_arg_obj(args, {"batch_size": batch_size})
+
+
+def _run_task(
+    lm,
+    args: dict[str, Any],
+    column: Column,
+    suite: Suite,
+    model_dir: Path,
+    manager,
+    limit: float | None,
+    seed: int,
+    log_samples: bool,
+) -> Path:
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    chat, multiturn = suite.chat_settings(column)
+    # A ".json" output path makes the tracker write into model_dir itself instead of
+    # a subfolder named after the (sanitised) model path.
+    tracker = EvaluationTracker(output_path=str(model_dir / "results.json"))
+    results = simple_evaluate(
+        model=lm,
+        model_args=args,  # recorded in the results; the model itself is already loaded
+        tasks=[column.task],
+        task_manager=manager,
+        limit=limit,
+        log_samples=log_samples,
+        evaluation_tracker=tracker,
+        apply_chat_template=chat,
+        fewshot_as_multiturn=multiturn,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    samples = results.pop("samples", None)
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for name in results["configs"] if samples else ():
+        tracker.save_results_samples(task_name=name, samples=samples[name])
+    return model_dir / f"results_{tracker.date_id}.json"
+
+
+def evaluate_models(
+    models: Sequence[ModelSpec],
+    suite_or_tasks: str | Suite | Sequence[str],
+    output_dir: str | Path,
+    *,
+    backend: str | None = None,
+    options: BackendOptions | None = None,
+    include_path: Sequence[str | Path] = (),
+    limit: float | None = None,
+    force: bool = False,
+    apply_chat_template: bool | None = None,
+    fewshot_as_multiturn: bool | None = None,
+    log_samples: bool = True,
+) -> dict[str, dict[str, Path]]:
+    """Evaluate ``models`` on a suite (name or Suite) or a list of lm-eval task names.
+
+    Returns, per model label, the results file of each column's task. Finished tasks
+    are read back, not recomputed, unless ``force``.
+    """
+    include_paths = [Path(p) for p in include_path]
+    suite = resolve_suite(suite_or_tasks, include_paths, apply_chat_template, fewshot_as_multiturn)
+    backend = backend or backends.default_backend()
+    options = options or BackendOptions()
+    backends.require_backend(backend, options)
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must be unique, got {labels}")
+    manager = task_manager(include_paths, [c.task for c in suite.columns])
+
+    output_dir = Path(output_dir)
+    written: dict[str, dict[str, Path]] = {}
+    for spec in models:
+        model_dir = output_dir / spec.label
+        _record_run(model_dir, spec, suite, force)
+        done = {} if force else finished_tasks(model_dir)
+        # The suite's defaults (e.g. OLMES's add_bos_token) yield to what the caller set.
+        args = {**suite.model_args, **backends.model_args(backend, spec.pretrained, options)}
+        lm = None
+        written[spec.label] = {}
+        for column in suite.columns:
+            previous = done.get((column.task, _settings(limit, *suite.chat_settings(column))))
+            if previous is not None:
+                log.info(
+                    "%s / %s: finished in %s, not recomputed",
+                    spec.label,
+                    column.task,
+                    previous,
+                )
+                written[spec.label][column.task] = previous
+                continue
+            if lm is None:  # load only when some task is left to run
+                lm = _load_lm(backend, args, backends.batch_size(backend, options))
+            written[spec.label][column.task] = _run_task(
+                lm, args, column, suite, model_dir, manager, limit, options.seed, log_samples
+            )
+        del lm  # free the weights (and vLLM's engine) before the next model loads
+        gc.collect()
+    return written

@@ -1,0 +1,154 @@
+"""Save OLMo 2 7B intermediate checkpoints to local folders, as the paper did.
+
+    ftt-fetch-checkpoints --list
+    ftt-fetch-checkpoints M4 M5 --dest checkpoints
+
+Each checkpoint is a revision of ``allenai/OLMo-2-1124-7B``. It is downloaded into the
+Hugging Face cache with ``snapshot_download`` (which resumes partial downloads), loaded,
+and saved in bfloat16 with its tokenizer, the pad token set to the EOS token (the paper's
+``save_model_class.py``). A folder is written under a temporary name and renamed when
+complete, so an interrupted run leaves no folder that looks finished; finished folders are
+skipped on the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ID = "allenai/OLMo-2-1124-7B"
+
+# The paper's names for the checkpoints it uses (Table 3 and the OLMo 2 instruct transfer).
+CHECKPOINTS = {
+    "M1": "stage1-step300000-tokens1259B",
+    "M2": "stage1-step600000-tokens2517B",
+    "M3": "stage1-step928646-tokens3896B",
+    "M4": "stage2-ingredient1-step6000-tokens26B",
+    "M5": "stage2-ingredient1-step11931-tokens50B",
+    "M4'": "stage2-ingredient1-step7000-tokens30B",
+}
+# Only the files a transformers checkpoint needs (the repos also hold other formats).
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+COMPLETE_MARKER = "ftt_fetch.json"
+
+
+class FetchError(RuntimeError):
+    """A checkpoint could not be fetched; the message says why and what to do."""
+
+
+def checkpoint_name(name: str) -> str:
+    """Canonical table key: accepts M4′ (prime), M4' and m4p for M4′."""
+    canonical = name.strip().upper().replace("′", "'").replace("P", "'")
+    if canonical not in CHECKPOINTS:
+        raise FetchError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}.")
+    return canonical
+
+
+def folder_name(name: str) -> str:
+    """File-system-safe folder name: M4' is saved as M4prime."""
+    return name.replace("'", "prime")
+
+
+def format_table(dest: Path) -> str:
+    rows = [f"{'name':<5} {'revision of ' + REPO_ID:<44} folder"]
+    rows += [
+        f"{name:<5} {revision:<44} {dest / folder_name(name)}"
+        for name, revision in CHECKPOINTS.items()
+    ]
+    return "\n".join(rows)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def download(revision: str, repo_id: str = REPO_ID) -> Path:
+    """Download (or resume downloading) one revision into the HF cache; return its path."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except LocalEntryNotFoundError as error:
+        raise FetchError(
+            f"cannot download {repo_id}@{revision}: the Hugging Face Hub is unreachable "
+            "(or HF_HUB_OFFLINE=1 is set) and the revision is not in the local cache. "
+            "Connect to the internet (and unset HF_HUB_OFFLINE), then run the same command "
+            "again; finished checkpoints are skipped and partial downloads resume."
+        ) from error
+    except HfHubHTTPError as error:
+        raise FetchError(f"the Hub refused {repo_id}@{revision}: {error}") from error
+
+
+def save_bf16_with_pad_eos(snapshot: Path, folder: Path, provenance: dict) -> Path:
+    """Save ``snapshot`` to ``folder`` in bfloat16 with pad token = EOS, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    tokenizer.pad_token = tokenizer.eos_token
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / COMPLETE_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)  # an unmarked leftover of an older tool
+    partial.rename(folder)
+    return folder
+
+
+def fetch(name: str, dest: Path, repo_id: str = REPO_ID) -> Path:
+    """Fetch one checkpoint of the table into ``dest``; skip it if already complete."""
+    name = checkpoint_name(name)
+    folder = dest / folder_name(name)
+    if is_complete(folder):
+        print(f"{name}: {folder} is complete, skipping", flush=True)
+        return folder
+    revision = CHECKPOINTS[name]
+    print(f"{name}: downloading {repo_id}@{revision}", flush=True)
+    snapshot = download(revision, repo_id)
+    print(f"{name}: saving bfloat16 copy to {folder}", flush=True)
+    provenance = {"repo_id": repo_id, "revision": revision, "name": name, "dtype": "bfloat16"}
+    return save_bf16_with_pad_eos(snapshot, folder, provenance)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftt-fetch-checkpoints",
+        description=f"Save OLMo 2 7B intermediate checkpoints ({REPO_ID} revisions) "
+        "locally in bfloat16 with tokenizer, pad token = EOS.",
+    )
+    parser.add_argument("names", nargs="*", help=f"checkpoint names: {', '.join(CHECKPOINTS)}")
+    parser.add_argument("--dest", type=Path, default=Path("checkpoints"), help="output folder")
+    parser.add_argument("--all", action="store_true", help="fetch every checkpoint of the table")
+    parser.add_argument("--list", action="store_true", help="print the table and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print(format_table(args.dest))
+        return 0
+    names = list(CHECKPOINTS) if args.all else args.names
+    if not names:
+        parser.error("name at least one checkpoint (or --all); --list shows the table")
+    try:
+        names = [checkpoint_name(name) for name in names]  # all names checked before any download
+        for index, name in enumerate(names, start=1):
+            print(f"[{index}/{len(names)}] ", end="", flush=True)
+            fetch(name, args.dest)
+    except FetchError as error:
+        print(f"ftt-fetch-checkpoints: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
