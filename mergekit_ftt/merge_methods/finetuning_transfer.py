@@ -33,9 +33,10 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
 from mergekit_ftt import METHOD_NAME, PAPER_URL
 
-# Elements per float64 work chunk. Reused 16 MiB buffers stay in the last-level cache: every pass
-# over a chunk then runs at cache speed and only the inputs and the output cross memory
-# once (benchmarks/PROFILE.md has the measurements behind the size).
+# Elements per float64 work chunk: a 16 MiB buffer, allocated once per tensor and reused
+# for each chunk, stays in the last-level cache, so every pass over a chunk runs at cache
+# speed and only the inputs and the output cross memory once; 2M elements rather than
+# fewer keeps thread barriers rare when -j > 1 (benchmarks/PROFILE.md has the numbers).
 CHUNK_ELEMENTS = 1 << 21
 
 
