@@ -41,6 +41,16 @@ def test_registered_on_first_import_of_mergekit():
     )
 
 
+def test_importing_the_method_module_first_registers_it():
+    """Importing our module before mergekit's method package must not re-enter it."""
+    code = (
+        "import mergekit_ftt.merge_methods.finetuning_transfer as m;"
+        "from mergekit.merge_methods import get;"
+        "print(get('finetuning_transfer') is m.finetuning_transfer)"
+    )
+    assert python_says(sys.executable, code) == "True"
+
+
 def test_python_starts_when_mergekit_is_missing(tmp_path):
     """A broken or absent mergekit must not break interpreters (the hook waits)."""
     fake = tmp_path / "mergekit"
