@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from bench_merge import Inputs, task_arithmetic_config, transfer_config
 
 from mergekit_ftt.tiny import build_tokenizer, tiny_config
 
@@ -84,28 +85,13 @@ def make_checkpoints(root: Path, size: str, device: str) -> dict[str, Path]:
 
 
 def recipes(paths: dict[str, Path], root: Path) -> dict[str, Path]:
-    transfer = {
-        "merge_method": "finetuning_transfer",
-        "base_model": str(paths["target"]),
-        "dtype": "bfloat16",
-        "models": [
-            {"model": str(paths["source_finetuned"]), "parameters": {"role": "source_finetuned"}},
-            {"model": str(paths["source_base"]), "parameters": {"role": "source_base"}},
-        ],
-    }
-    # The workaround it replaces: deltas against the target, ±1 weights, float32.
-    task_arithmetic = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(paths["target"]),
-        "dtype": "float32",
-        "out_dtype": "bfloat16",
-        "models": [
-            {"model": str(paths["source_finetuned"]), "parameters": {"weight": 1.0}},
-            {"model": str(paths["source_base"]), "parameters": {"weight": -1.0}},
-        ],
-    }
+    """The two recipes of ``bench_merge.py``: the transfer and its task_arithmetic twin."""
+    inputs = Inputs(paths["target"], paths["source_finetuned"], paths["source_base"])
     written = {}
-    for name, recipe in (("transfer", transfer), ("task_arithmetic", task_arithmetic)):
+    for name, recipe in (
+        ("transfer", transfer_config(inputs)),
+        ("task_arithmetic", task_arithmetic_config(inputs)),
+    ):
         written[name] = root / f"{name}.yml"
         written[name].write_text(yaml.safe_dump(recipe))
     return written
