@@ -9,14 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-GB = 1000**3
-ROWS = ("transfer", "task_arithmetic", "full_load", "io_floor")
-NAMES = {
-    "transfer": "finetuning_transfer",
-    "task_arithmetic": "task_arithmetic ±1, float32",
-    "full_load": "paper-style full load",
-    "io_floor": "I/O floor",
-}
+from bench_merge import GB, LABELS, VARIANTS
 
 
 def cell(result: dict, variant: str) -> str:
@@ -46,9 +39,9 @@ def table(results: list[dict]) -> str:
         f"{r['size']} ({r['input_bytes'] / GB:.1f} GB in)" for r in results
     )
     lines = [header + " |", "|---" * (len(results) + 1) + "|"]
-    for variant in ROWS:
+    for variant in VARIANTS:
         lines.append(
-            f"| {NAMES[variant]} | " + " | ".join(cell(r, variant) for r in results) + " |"
+            f"| {LABELS[variant]} | " + " | ".join(cell(r, variant) for r in results) + " |"
         )
     startups = " | ".join(f"{r['summary']['startup']['wall_s']:.0f} s" for r in results)
     loads = " | ".join(

@@ -9,15 +9,14 @@ and the fix. The start-up hook runs it at the top of mergekit's ``run_merge``.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
+from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from mergekit_ftt import METHOD_NAME
@@ -169,19 +168,11 @@ def _is_vocabulary_mismatch(
 def _tensor_shapes(model: ModelReference, options: MergeOptions) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from safetensors headers; names only (shape ``()``) for .bin files."""
     index = model.tensor_index(options.transformers_cache)
-    headers: dict[str, dict] = {}
-    shapes = {}
-    for name, shard in index.tensor_paths.items():
+    shapes = dict.fromkeys(index.tensor_paths, ())
+    for shard in set(index.tensor_paths.values()):
         if not shard.endswith(".safetensors"):
-            shapes[name] = ()
             continue
-        if shard not in headers:
-            headers[shard] = _safetensors_header(os.path.join(index.base_path, shard))
-        shapes[name] = tuple(headers[shard][name]["shape"])
+        with safe_open(os.path.join(index.base_path, shard), framework="pt") as file:
+            for name in file.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[name] = tuple(file.get_slice(name).get_shape())
     return shapes
-
-
-def _safetensors_header(path: str) -> dict:
-    with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        return json.loads(file.read(length))
