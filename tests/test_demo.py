@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from mergekit_ftt.demo.cli import mark_finished, prepare_output
+from mergekit_ftt.cli import FttError
+from mergekit_ftt.demo.cli import LOG_FILE, mark_finished, prepare_output
 from mergekit_ftt.demo.config import load_config
 from mergekit_ftt.demo.corpus import TaskConfig, World, held_out_examples, sft_examples
 
@@ -51,6 +52,12 @@ def test_quick_demo_transfers_the_finetuning_to_the_later_checkpoint(tmp_path):
     assert accuracy["FT(M_b)"] > accuracy["M_b"]
     assert scores["M_b + Δ_a"]["base"] == "M_b"
     assert "| M_b + Δ_a |" in result.stdout  # the table is printed
+    # Stage lines, one bar per long stage and the table; the libraries' output is in the log.
+    printed = result.stdout + result.stderr
+    assert printed.count("\n") <= 30, printed
+    assert "Traceback" not in printed and "'loss'" not in printed and "INFO" not in printed
+    assert printed.count("[ftt-demo") == 7 and printed.count("100%|") == 4
+    assert "'loss'" in (out / LOG_FILE).read_text()  # TRL's loss lines
 
     # A finished run is not overwritten without --overwrite.
     again = run_demo("--quick", "--out", str(out))
@@ -60,14 +67,14 @@ def test_quick_demo_transfers_the_finetuning_to_the_later_checkpoint(tmp_path):
 
 def test_output_folder_that_is_not_a_demo_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(RuntimeError, match="not empty and holds no demo run"):
+    with pytest.raises(FttError, match="not empty and holds no demo run"):
         prepare_output(tmp_path, {"preset": "quick", "seed": 0}, ["main"], overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_unfinished_run_with_other_settings_is_not_resumed(tmp_path):
     prepare_output(tmp_path, {"preset": "quick", "seed": 0}, ["main"], overwrite=False)
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(FttError, match="other settings"):
         prepare_output(tmp_path, {"preset": "quick", "seed": 1}, ["main"], overwrite=False)
 
 
@@ -80,7 +87,7 @@ def test_unfinished_run_resumes_and_a_finished_one_is_replaced_only_with_overwri
     mark_finished(tmp_path, "main")
     prepare_output(tmp_path, settings, ["main", "finetune_after"], overwrite=False)
     assert (tmp_path / "models").is_dir()  # a new part on a finished run reuses its stages
-    with pytest.raises(RuntimeError, match="finished demo run"):
+    with pytest.raises(FttError, match="finished demo run"):
         prepare_output(tmp_path, settings, ["main"], overwrite=False)
     prepare_output(tmp_path, settings, ["main"], overwrite=True)
     assert not (tmp_path / "models").exists()

@@ -1,0 +1,56 @@
+"""The data folders beside the code: ``training/``, ``eval/`` and ``recipes/``.
+
+In a checkout they are the repository's top-level folders. The wheel carries them as
+package data under ``mergekit_ftt/_data/`` (``force-include`` in pyproject.toml), so the
+commands find a config, suite or recipe by name when installed and by path anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from mergekit_ftt.cli import FttError
+
+DataFolder = Literal["training", "eval", "recipes"]
+YAML_SUFFIXES = (".yaml", ".yml")
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def data_folder(name: DataFolder) -> Path:
+    """The installed copy (``mergekit_ftt/_data/NAME``), else the checkout's ``NAME/``."""
+    for folder in (_PACKAGE / "_data" / name, _PACKAGE.parent / name):
+        if folder.is_dir():
+            return folder
+    raise FttError(
+        f"the {name}/ data folder is missing next to {_PACKAGE}; reinstall mergekit-ftt "
+        "(pip install mergekit-ftt) or run from a full checkout."
+    )
+
+
+def shipped_names(kind: DataFolder) -> list[str]:
+    """Names of the shipped YAML files of ``kind`` (sub-folders as ``accelerate/zero3``),
+    without files whose name starts with ``_`` (pieces other files include)."""
+    folder = data_folder(kind)
+    return sorted(
+        path.relative_to(folder).with_suffix("").as_posix()
+        for path in folder.rglob("*")
+        if path.suffix in YAML_SUFFIXES and not path.name.startswith("_")
+    )
+
+
+def find_data_file(kind: DataFolder, name_or_path: str | Path) -> Path:
+    """``name_or_path`` itself when it is a file, else the shipped file of that name
+    (``olmo2_m4_math`` → ``training/olmo2_m4_math.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    folder = data_folder(kind)
+    for candidate in (folder / path, *(folder / f"{path}{suffix}" for suffix in YAML_SUFFIXES)):
+        if candidate.is_file():
+            return candidate
+    raise FttError(
+        f"{str(name_or_path)!r} is neither a file nor a shipped {kind} file; shipped: "
+        f"{', '.join(shipped_names(kind))} (in {folder})."
+    )
