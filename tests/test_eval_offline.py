@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from conftest import error_line
+
 REPO = Path(__file__).resolve().parents[1]
 
 TASK = """\
@@ -29,18 +31,10 @@ def ftt_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def error_line(run: subprocess.CompletedProcess) -> str:
-    assert run.returncode == 2, run.stderr
-    assert "Traceback" not in run.stderr
-    (line,) = [line for line in run.stderr.splitlines() if line.startswith("ftt-eval: error:")]
-    return line
-
-
 def test_hub_model_out_of_reach(tmp_path):
+    model = "b=meta-llama/Meta-Llama-3-8B"
     line = error_line(
-        ftt_eval(
-            "--suite", "llama3-instruct", "--model", "b=meta-llama/Meta-Llama-3-8B", cwd=tmp_path
-        )
+        ftt_eval("--suite", "llama3-instruct", "--model", model, cwd=tmp_path), "ftt-eval"
     )
     assert "cannot load model 'meta-llama/Meta-Llama-3-8B': the Hub is unreachable" in line
     assert "`hf download meta-llama/Meta-Llama-3-8B`" in line and "HF_HUB_OFFLINE=1" in line
@@ -48,7 +42,7 @@ def test_hub_model_out_of_reach(tmp_path):
 
 
 def test_misspelled_local_model_folder(tmp_path):
-    line = error_line(ftt_eval("--tasks", "x", "--model", "m=./modle/", cwd=tmp_path))
+    line = error_line(ftt_eval("--tasks", "x", "--model", "m=./modle/", cwd=tmp_path), "ftt-eval")
     assert "model './modle/': no such local folder" in line
     assert not (tmp_path / "out").exists()
 
@@ -58,7 +52,7 @@ def test_task_dataset_out_of_reach(tmp_path, olmo2):
     (tmp_path / "tasks" / "hub_task.yaml").write_text(TASK)
     model = olmo2.model("m", seed=0)
     flags = ["--tasks", "hub_task", "--include_path", str(tmp_path / "tasks"), "--backend", "hf"]
-    line = error_line(ftt_eval(*flags, "--model", f"m={model}", cwd=tmp_path))
+    line = error_line(ftt_eval(*flags, "--model", f"m={model}", cwd=tmp_path), "ftt-eval")
     assert (
         "cannot load the dataset of task 'hub_task': Couldn't reach "
         "'allenai/no-such-cached-dataset' on the Hub" in line
