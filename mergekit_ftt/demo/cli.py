@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             mark_finished(args.out, "finetune_after")
 
     say.print()
-    say.print(table.rstrip("\n"))
+    say.print(table)
     say.print(caption(config))
     folder = Path(next(iter(paths.values()))).parent
     say.print(f"  report in {folder}: {', '.join(Path(path).name for path in paths.values())}")
