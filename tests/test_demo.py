@@ -17,12 +17,14 @@ from mergekit_ftt.demo.corpus import TaskConfig, World, held_out_examples, sft_e
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess:
+    """ftt-demo as a user runs it; the output as bytes decoded, so that a bar's "\r"
+    updates stay on their line as in a terminal (text mode would make each a line)."""
     command = shutil.which("ftt-demo")
     argv = [command] if command else [sys.executable, "-m", "mergekit_ftt.demo"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*argv, *args], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
+    run = subprocess.run([*argv, *args], capture_output=True, env=env, timeout=600, check=False)
+    run.stdout, run.stderr = run.stdout.decode(), run.stderr.decode()
+    return run
 
 
 @pytest.mark.slow

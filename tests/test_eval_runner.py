@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -267,10 +268,11 @@ def test_other_settings_or_force_recompute(planted):
     assert metrics(forced) == metrics(limited)
 
 
-def test_label_holding_another_model_is_refused(planted):
+def test_label_holding_another_model_is_refused(planted, tmp_path):
+    other = shutil.copytree(planted["spec"].pretrained, tmp_path / "other")
     with pytest.raises(FttError, match="holds results of"):
         evaluate_models(
-            [ModelSpec("tiny", "/elsewhere/model")],
+            [ModelSpec("tiny", str(other))],
             "tiny-chat",
             planted["out"],
             backend="hf",
