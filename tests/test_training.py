@@ -382,6 +382,7 @@ def ftt_train_error(*args: str, home: Path) -> str:
     return error_line(run, "ftt-train")
 
 
+@pytest.mark.slow  # imports TRL in a subprocess: ~30 s on the busy 2-core machine
 def test_unreachable_hub_model_is_one_line_naming_it_and_the_offline_recipe(tmp_path):
     error = ftt_train_error(
         "--config", "olmo2_m4_math", "--use_cpu", "true", "--output_dir", str(tmp_path / "o"),
@@ -396,6 +397,7 @@ def test_unreachable_hub_model_is_one_line_naming_it_and_the_offline_recipe(tmp_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # imports TRL in a subprocess: ~30 s on the busy 2-core machine
 def test_unreachable_hub_dataset_is_one_line_naming_it(olmo_inputs, tmp_path):
     config = write_config(
         tmp_path / "c.yaml",
