@@ -335,6 +335,11 @@ def test_config_include_is_overridden_by_the_including_file(tmp_path):
     assert (training_args.seed, model_args.model_name_or_path) == (4, "m")
     with pytest.raises(FttError, match="'olmo2_m9_math' is neither a file nor a shipped training"):
         sft.parse_args(["--config", "olmo2_m9_math"])
+    # A user's config on top of a shipped one, by name.
+    (tmp_path / "mine.yaml").write_text("include: olmo2_m4_math\nmax_steps: 10\nuse_cpu: true\n")
+    _, training_args, model_args, _ = parsed(tmp_path / "mine.yaml")
+    assert (training_args.max_steps, training_args.learning_rate) == (10, 5e-6)
+    assert model_args.model_revision == "stage2-ingredient1-step6000-tokens26B"
 
 
 def test_accelerate_configs_load_without_deepspeed():

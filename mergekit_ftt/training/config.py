@@ -2,7 +2,8 @@
 
 - ``--config olmo2_m4_math`` is the shipped ``training/olmo2_m4_math.yaml``; a path works too.
 - ``include: _olmo2_math.yaml`` (resolved next to the including file, as in lm-eval task
-  YAMLs) reads a shared file first; the including file's keys win.
+  YAMLs, else a shipped config by name: ``include: cpu_smoke``) reads a shared file first;
+  the including file's keys win.
 - Unknown keys are named, with the key to write instead (``warmup_ratio`` → ``warmup_steps``)
   or the nearest known key, before anything is loaded.
 """
@@ -99,7 +100,7 @@ def with_includes(config: dict[str, Any], folder: Path) -> dict[str, Any]:
         return config
     path = folder / include
     if not path.is_file():
-        raise FttError(f"include: {include!r} not found next to the config (in {folder}).")
+        path = find_data_file("training", include)
     base = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return {**with_includes(base, path.parent), **config}
 
