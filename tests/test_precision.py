@@ -175,3 +175,18 @@ def test_bf16_finetune_on_fp16_target_is_exact(llama, tmp_path):
     assert all(merged[name].dtype == torch.float16 for name in expected)
     assert differing(merged, expected) == 0
     assert "Merging at float32 and rounding the result once to float16" in result.stderr
+
+
+def test_olmo2_m5_plus_delta_m4_recipe_with_a_float32_finetune_is_exact(olmo2, tmp_path):
+    """The paper's pipeline: ftt-train saves FT(M4) in float32; the recipe says bfloat16."""
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "olmo2_m5_plus_delta_m4_math.yml"
+    config = yaml.safe_load(shipped.read_text())
+    m4, m5 = olmo2.model("m4", 11), olmo2.model("m5", 12)
+    ft_m4 = perturbed_copy(m4, tmp_path / "ft_m4", torch.float32, 1e-3, 13)
+    assert config["dtype"] == "bfloat16"
+    config["base_model"] = str(m5)
+    config["models"][0]["model"] = str(ft_m4)
+    config["models"][1]["model"] = str(m4)
+    config["tokenizer"]["source"] = str(ft_m4)
+    _, merged = merge(config, tmp_path)
+    assert differing(merged, exact_transfer(m5, ft_m4, m4, torch.bfloat16)) == 0
