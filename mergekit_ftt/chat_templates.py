@@ -26,12 +26,20 @@ def tulu_chat_template(add_bos: bool) -> str:
     return ("{{ bos_token }}" if add_bos else "") + TULU_CHAT_TEMPLATE
 
 
-def set_chat_template(tokenizer, choice: str, add_bos: bool, model: str) -> None:
-    """``choice`` ``tulu``: always the Tülu template; ``auto``: the tokenizer's own template
-    if it has one, else Tülu. ``model`` names the tokenizer's model in errors."""
-    if choice == "tulu" or not tokenizer.chat_template:
+def load_tokenizer(
+    model: str, revision: str | None, trust_remote_code: bool, template: str, add_bos: bool
+):
+    """``model``'s tokenizer with the chat template a run asks for: ``template`` ``tulu``
+    always sets the Tülu template; ``auto`` keeps the tokenizer's own, if it has one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model, revision=revision, trust_remote_code=trust_remote_code
+    )
+    if template == "tulu" or not tokenizer.chat_template:
         if add_bos and tokenizer.bos_token is None:
             raise FttError(
                 f"add_bos is true but the tokenizer of {model} has no BOS token; set add_bos: false."
             )
         tokenizer.chat_template = tulu_chat_template(add_bos)
+    return tokenizer

@@ -212,7 +212,7 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None
     for name, info in model.model_fields.items():
         flags = dict.fromkeys([f"--{name.replace('_', '-')}", f"--{name}"])
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        default = "" if info.default in (None, False, ()) else f" (default: {info.default})"
+        default = "" if info.default in (None, False, []) else f" (default: {info.default})"
         kwargs["help"] = (info.description or "") + default
         kwargs.update(_flag_kind(info.annotation))
         group.add_argument(*flags, **kwargs)
@@ -249,7 +249,7 @@ def _flag_kind(annotation: Any) -> dict[str, Any]:
     if present == [bool]:
         return {"nargs": "?", "const": True, "type": parse_bool, "metavar": "true|false"}
     if typing.get_origin(present[0]) is list:
-        return {"action": "append", "metavar": "VALUE"}
+        return {"action": "append"}
     if typing.get_origin(present[0]) is dict:
         return {"action": "extend", "nargs": "+", "metavar": "KEY=VALUE"}
     if typing.get_origin(present[0]) is Literal:

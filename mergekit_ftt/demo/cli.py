@@ -1,7 +1,7 @@
 """``ftt-demo``: the paper's checkpoint-to-checkpoint transfer in miniature, offline on a CPU.
 
-ftt-demo                       # full run (2-4 minutes on 2 cores), output in ftt-demo-out/
-ftt-demo --quick --out /tmp/d  # smaller and faster (about 1.5-3 minutes)
+ftt-demo                       # full run (2-3 minutes on an idle 2-core machine), in ftt-demo-out/
+ftt-demo --quick --out /tmp/d  # smaller and faster: what the test suite runs
 ftt-demo --finetune-after      # also transfer-then-finetune vs fine-tuning M_b alone
 
 It prints its stage lines, one progress bar per long stage and the table; what TRL,

@@ -18,12 +18,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 from trl import DatasetMixtureConfig, TrlParser
 from trl.scripts.utils import DatasetConfig
 
 from mergekit_ftt.cli import FttError
-from mergekit_ftt.package_data import find_data_file, shipped_names
+from mergekit_ftt.package_data import find_data_file, shipped_names, with_includes
 
 # Keys people carry over from Open-Instruct or transformers 4.x, with what to write instead.
 RENAMED_KEYS = {
@@ -81,7 +80,7 @@ class FttParser(TrlParser):
             raise FttError(f"invalid training config: {error}") from None
 
     def set_defaults_with_config(self, **config: Any) -> list[str]:
-        config = with_includes(config, self.config_folder)
+        config = with_includes(config, self.config_folder, shipped="training")
         known = {action.dest for action in self._actions}
         unknown = sorted(set(config) - known)
         if unknown:
@@ -90,19 +89,6 @@ class FttParser(TrlParser):
                 + "; ".join(_describe_unknown_key(key, known) for key in unknown)
             )
         return super().set_defaults_with_config(**config)
-
-
-def with_includes(config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """``config`` on top of the file its ``include:`` names (recursively)."""
-    config = dict(config)
-    include = config.pop("include", None)
-    if include is None:
-        return config
-    path = folder / include
-    if not path.is_file():
-        path = find_data_file("training", include)
-    base = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return {**with_includes(base, path.parent), **config}
 
 
 class _ListConfigs(argparse.Action):

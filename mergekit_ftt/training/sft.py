@@ -148,9 +148,7 @@ def build_trainer(
 ):
     """The trainer for ``model_args``' model, as TRL's script builds it, with the Tülu
     template, the summed loss and ``total_batch_size``'s gradient accumulation."""
-    from transformers import AutoTokenizer
-
-    from mergekit_ftt.chat_templates import set_chat_template
+    from mergekit_ftt.chat_templates import load_tokenizer
     from mergekit_ftt.training.trainer import FttSFTTrainer
 
     model_init_kwargs = {
@@ -166,31 +164,29 @@ def build_trainer(
     if script_args.total_batch_size is not None:
         per_step = training_args.per_device_train_batch_size * training_args.world_size
         training_args.gradient_accumulation_steps = script_args.total_batch_size // per_step
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-    )
-    set_chat_template(
-        tokenizer, script_args.chat_template, script_args.add_bos, model_args.model_name_or_path
-    )
     return FttSFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,
-        processing_class=tokenizer,
+        processing_class=load_tokenizer(
+            model_args.model_name_or_path,
+            model_args.model_revision,
+            training_args.trust_remote_code,
+            script_args.chat_template,
+            script_args.add_bos,
+        ),
         loss_reduction=script_args.loss_reduction,
         callbacks=list(callbacks),
     )
 
 
 def _report_throughput(trainer, runtime: float) -> None:
-    logged = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
-    tokens = f"{int(logged[-1])} tokens " if logged else ""
-    speed = f" ({int(logged[-1]) / runtime:.1f} tokens/s)" if logged else ""
+    tokens = next(
+        (e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0
+    )
     trainer.accelerator.print(
-        f"trained {trainer.state.global_step} steps, {tokens}in {runtime:.1f} s{speed}; "
-        f"model saved to {trainer.args.output_dir}"
+        f"trained {trainer.state.global_step} steps, {int(tokens)} tokens in {runtime:.1f} s "
+        f"({tokens / runtime:.1f} tokens/s); model saved to {trainer.args.output_dir}"
     )
 
 
