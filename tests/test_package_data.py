@@ -16,12 +16,19 @@ from mergekit_ftt.package_data import data_folder, find_data_file, shipped_names
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_checkout_folders_are_found_by_name():
-    assert data_folder("training") == REPO / "training"
-    assert find_data_file("eval", "llama3-instruct") == REPO / "eval" / "llama3-instruct.yaml"
-    assert find_data_file("recipes", "transfer_round") == REPO / "recipes" / "transfer_round.yml"
+def test_data_files_are_found_by_name():
+    # The checkout's folders, or the installed copies of them (`pip install .` then pytest).
+    assert shipped_names("training") == sorted(
+        path.relative_to(REPO / "training").with_suffix("").as_posix()
+        for path in (REPO / "training").rglob("*.yaml")
+        if not path.name.startswith("_")
+    )
     assert "accelerate/zero3" in shipped_names("training")
     assert "_olmo2_math" not in shipped_names("training")  # only included by other configs
+    suite = find_data_file("eval", "llama3-instruct")
+    assert suite.read_text() == (REPO / "eval" / "llama3-instruct.yaml").read_text()
+    assert data_folder("eval") == suite.parent
+    assert find_data_file("recipes", "transfer_round").name == "transfer_round.yml"
     path = REPO / "recipes" / "llama3_plus_delta31.yml"
     assert find_data_file("recipes", str(path)) == path  # a path is taken as it is
     with pytest.raises(FttError, match="'nope' is neither a file nor a shipped recipes file"):
