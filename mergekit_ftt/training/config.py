@@ -55,10 +55,9 @@ class DatasetMixture(DatasetMixtureConfig):
 class FttParser(TrlParser):
     """TrlParser that finds ``--config`` by name, reads ``include:`` and names unknown keys."""
 
-    config_folder = Path.cwd()
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.config_folder = Path.cwd()  # where a config's `include:` is looked for
         self.add_argument(
             "--list-configs",
             action=_ListConfigs,
@@ -92,6 +91,8 @@ class FttParser(TrlParser):
 
 
 class _ListConfigs(argparse.Action):
+    """``--list-configs``: names and paths, then exit (like ``--version``)."""
+
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         for name in shipped_names("training"):
             print(f"{name:<30} {find_data_file('training', name)}")
