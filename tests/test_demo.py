@@ -58,7 +58,9 @@ def test_quick_demo_transfers_the_finetuning_to_the_later_checkpoint(tmp_path):
     printed = result.stdout + result.stderr
     assert printed.count("\n") <= 30, printed
     assert "Traceback" not in printed and "'loss'" not in printed and "INFO" not in printed
-    assert printed.count("[ftt-demo") == 7 and printed.count("100%|") == 4
+    lines = printed.split("\n")  # a bar's updates share its line ("\r")
+    assert sum(line.startswith("[ftt-demo") for line in lines) == 7
+    assert sum("100%|" in line for line in lines) == 4  # pre-training, 2 fine-tunings, eval
     assert "'loss'" in (out / LOG_FILE).read_text()  # TRL's loss lines
 
     # A finished run is not overwritten without --overwrite.
