@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli, transfer_recipe
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
-from test_mergekit_yaml import transfer_recipe
 
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
 

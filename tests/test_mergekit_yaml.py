@@ -3,48 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import load_weights, run_cli
+from helpers import load_weights, merge, reference, transfer_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
-def transfer_recipe(target, finetuned, source_base, **extra) -> dict:
-    """A finetuning_transfer recipe; ``finetuned`` is a list of (path, weight)."""
-    models = [
-        {"model": str(path), "parameters": {"role": "source_finetuned", "weight": weight}}
-        for path, weight in finetuned
-    ]
-    models.append({"model": str(source_base), "parameters": {"role": "source_base"}})
-    return {
-        "merge_method": "finetuning_transfer",
-        "base_model": str(target),
-        "dtype": "bfloat16",
-        "models": models,
-        **extra,
-    }
-
-
-def merge(recipe: dict, tmp_path: Path, command: tuple[str, ...] = ("mergekit-yaml",)):
-    config = tmp_path / "recipe.yml"
-    config.write_text(yaml.safe_dump(recipe))
-    out = tmp_path / "out"
-    return run_cli(*command, str(config), str(out)), out
-
-
-def reference(target, pairs, source_base, rows=None) -> dict[str, torch.Tensor]:
-    """float64 ``target + Σ w (ft − source_base)`` rounded once to bf16, per tensor."""
-    result = {}
-    for name, target_tensor in target.items():
-        total = torch.zeros(target_tensor.shape, dtype=torch.float64)
-        for weights, weight in pairs:
-            finetuned = weights[name][: target_tensor.shape[0]] if rows else weights[name]
-            total += weight * (finetuned.double() - source_base[name].double())
-        result[name] = (total + target_tensor.double()).to(torch.bfloat16)
-    return result
 
 
 def test_two_deltas_match_float64_reference_bit_for_bit(llama, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load_weights, run_cli
+from helpers import load_weights, run_cli
 from transformers import AutoConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
