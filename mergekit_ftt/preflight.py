@@ -16,11 +16,11 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from mergekit.common import ModelPath, ModelReference
+from mergekit.common import ModelPath, ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods.base import ParameterScope
 from mergekit.options import MergeOptions
@@ -376,7 +376,39 @@ def read_checkpoint(model: ModelReference, options: MergeOptions) -> StoredCheck
     tensors: dict[str, StoredTensor] = {}
     for shard in _shards(model, folder):
         tensors.update(_read_shard(model, folder, shard, options))
+    if model.lora is not None:
+        tensors = _as_merged_with_adapter(model, tensors, options)
     return StoredCheckpoint(model=model, folder=folder, tensors=tensors)
+
+
+def _as_merged_with_adapter(
+    model: ModelReference, tensors: dict[str, StoredTensor], options: MergeOptions
+) -> dict[str, StoredTensor]:
+    """The dtypes of the copy mergekit saves after merging the adapter into its base.
+
+    mergekit loads the base in ``--lora-merge-dtype``, else in its stored dtype, merges
+    the adapter (``merge_and_unload``) and saves that copy. A 16-bit copy has rounded
+    the adapter's update ``scaling · B @ A`` to 16 bits before the delta is taken.
+    """
+    if options.lora_merge_dtype:
+        dtype = dtype_from_name(options.lora_merge_dtype)
+        return {
+            name: replace(tensor, dtype=dtype)
+            if tensor.dtype is not None and tensor.dtype.is_floating_point
+            else tensor
+            for name, tensor in tensors.items()
+        }
+    narrow = {t.dtype for t in tensors.values() if t.dtype in (torch.bfloat16, torch.float16)}
+    if narrow:
+        name = str(min(narrow, key=str)).removeprefix("torch.")
+        _note(
+            f"mergekit merges the adapter of {model} into its {name} base in {name}, which "
+            f"rounds the adapter's update to {name} before the delta is taken; "
+            "--lora-merge-dtype float32 keeps it (use a new --lora-merge-cache folder: "
+            "mergekit reuses a merged copy whatever its dtype).",
+            options,
+        )
+    return tensors
 
 
 def _shards(model: ModelReference, folder: str) -> list[str]:
@@ -444,10 +476,11 @@ def _read_shard(
 
 def _read_pickled_shard(path: str, shard: str, options: MergeOptions) -> dict[str, StoredTensor]:
     """A ``torch.save`` file, memory-mapped (only its index is read), as mergekit reads it."""
-    if not options.lazy_unpickle and not options.quiet:
+    if not options.lazy_unpickle:
         _note(
             f"{path} is a pickled .bin file: mergekit loads each such file whole; "
-            "--lazy-unpickle reads it tensor by tensor."
+            "--lazy-unpickle reads it tensor by tensor.",
+            options,
         )
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -473,9 +506,10 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.rstrip('.')}"
 
 
-def _note(message: str) -> None:
-    """One line for the user on stderr, beside mergekit's own output."""
-    print(f"mergekit-ftt: {message}", file=sys.stderr, flush=True)
+def _note(message: str, options: MergeOptions) -> None:
+    """One line for the user on stderr, beside mergekit's own output (not with --quiet)."""
+    if not options.quiet:
+        print(f"mergekit-ftt: {message}", file=sys.stderr, flush=True)
 
 
 def _check_architectures(configs: dict[ModelReference, PretrainedConfig]) -> None:

@@ -103,15 +103,17 @@ def merge(
     return run_cli(*command, str(config), str(out), *options, env=env), out
 
 
-def reference(target, pairs, source_base, rows=None) -> dict[str, torch.Tensor]:
-    """float64 ``target + Σ w (ft − source_base)`` rounded once to bf16, per tensor."""
+def reference(
+    target, pairs, source_base, rows=None, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """float64 ``target + Σ w (ft − source_base)`` rounded once to ``dtype``, per tensor."""
     result = {}
     for name, target_tensor in target.items():
         total = torch.zeros(target_tensor.shape, dtype=torch.float64)
         for weights, weight in pairs:
             finetuned = weights[name][: target_tensor.shape[0]] if rows else weights[name]
             total += weight * (finetuned.double() - source_base[name].double())
-        result[name] = (total + target_tensor.double()).to(torch.bfloat16)
+        result[name] = (total + target_tensor.double()).to(dtype)
     return result
 
 
