@@ -345,3 +345,26 @@ def test_cli_damaged_shard_without_traceback(trio, tmp_path):
     assert f"{shard} (a weight file of {damaged}) cannot be read" in error
     assert "Traceback" not in result.stderr
     assert nothing_written(tmp_path / "out")
+
+
+def test_mergekit_multi_stops_before_the_chain_writes(trio, tmp_path):
+    transfer = transfer_recipe(trio[0], [(trio[1], 1.0)], trio[2], name="transfer")
+    transfer["parameters"] = {"lambda": 0.5}
+    slerp = {
+        "merge_method": "slerp",
+        "base_model": str(trio[0]),
+        "dtype": "bfloat16",
+        "parameters": {"t": 0.5},
+        "models": [{"model": str(trio[0])}, {"model": "transfer"}],
+    }
+    config = tmp_path / "chain.yml"
+    config.write_text(yaml.safe_dump_all([transfer, slerp]))
+    steps, out = tmp_path / "steps", tmp_path / "out"
+    result = run_cli(
+        "mergekit-multi", str(config), "--intermediate-dir", str(steps), "--out-path", str(out)
+    )
+    assert result.returncode == 1
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert "does not read `lambda`" in error
+    assert "Traceback" not in result.stderr
+    assert nothing_written(steps) and nothing_written(out)

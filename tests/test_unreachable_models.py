@@ -9,9 +9,12 @@ a local HTTP server that answers like the Hub (``HF_ENDPOINT``) while the real
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx2
 import pytest
@@ -114,7 +117,16 @@ def test_a_bug_is_not_explained_away():
 
 
 class FakeHub(BaseHTTPRequestHandler):
+    asked: ClassVar[list[str]] = []  # the paths requested, in order
+
     def do_HEAD(self):
+        self.asked.append(self.path)
+        if self.path == "/org/model/resolve/main/config.json":
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", "0" * 40)
+            self.send_header("ETag", '"0"')
+            self.end_headers()
+            return
         status, code, message = HUB_ANSWERS.get(self.path, (404, "EntryNotFound", "no file"))
         self.send_response(status)
         if code:
@@ -159,6 +171,27 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "outcome"), [("org/model", "reachable"), ("busy-org/model", "HfHubHTTPError")]
+)
+def test_probe_asks_once(repo_id, outcome, fake_hub, tmp_path):
+    """One request, no retries: huggingface_hub's downloads retry a 503 for ~25 s."""
+    FakeHub.asked.clear()
+    code = (
+        "import sys; from mergekit_ftt import hub\n"
+        "try:\n    hub.probe(sys.argv[1], 'config.json'); print('reachable')\n"
+        "except Exception as error:\n    print(type(error).__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, repo_id],
+        env=online_env(fake_hub, tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert result.stdout.strip() == outcome, result.stderr
+    assert FakeHub.asked == [f"/{repo_id}/resolve/main/config.json"]
 
 
 def test_paper_recipe_without_network(tmp_path):
