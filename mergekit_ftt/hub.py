@@ -66,8 +66,9 @@ def explain(
         )
     if isinstance(error, RemoteEntryNotFoundError):
         return (
-            f"{repo_id} on the Hub has no {filename or 'such file'}: it is not a "
-            "transformers model repository (a LoRA adapter is written `BASE+ADAPTER`)."
+            f"{repo_id} on the Hub has no {filename or 'such file'}, so it is not what the "
+            "recipe needs there: a transformers model has config.json; a PEFT adapter has "
+            "adapter_config.json and is written `BASE+ADAPTER`."
         )
     if isinstance(error, RepositoryNotFoundError):
         return (

@@ -140,36 +140,43 @@ def check_output_path(out_path: str) -> None:
 
 def check_parameter_keys(config: MergeConfiguration) -> None:
     """Refuse recipe keys the method does not read: mergekit would ignore them silently."""
-    spec = finetuning_transfer.spec
-    merge_wide = {p.name for p in spec.parameters}  # per-model ones take defaults there too
-    per_model = {p.name for p in spec.parameters if p.scope != ParameterScope.SHARED}
+    merge_wide, per_model = _method_parameters()
     for where, parameters in _merge_wide_parameters(config):
-        _refuse_unread(set(parameters or {}) - merge_wide, where, spec.parameters)
+        _refuse_unread(set(parameters or {}) - {*merge_wide, *per_model}, where)
     for model, parameters in _inputs(config):
-        keys = set(parameters or {})
-        if model == config.base_model:
-            continue  # the target's entry: any key is refused by _configured_roles
-        if (parameters or {}).get("role") == Role.source_base.value:
-            allowed = {"role"}
-        else:
-            allowed = per_model
-        shared = sorted(keys & (merge_wide - per_model))
-        if shared:
-            raise FinetuningTransferError(
-                f"{', '.join(f'`{k}`' for k in shared)} under model {model} is a setting of "
-                f"the whole merge, which mergekit reads only from the top-level "
-                f"`parameters:`: move it there."
-            )
-        unread = keys - allowed - set(shared)
-        if unread and allowed == {"role"}:
-            raise FinetuningTransferError(
-                f"model {model} is the source_base and takes only `role`, but has "
-                f"{', '.join(f'`{k}`' for k in sorted(unread))}: the delta is "
-                "finetuned − source_base, so `weight`, `density`, … go on each "
-                "source_finetuned model."
-            )
-        _refuse_unread(unread, f"the parameters of {model}", spec.parameters)
+        if model != config.base_model:  # the target's entry: see _configured_roles
+            _check_model_keys(model, parameters or {})
     _check_sparsification_settings(config)
+
+
+def _method_parameters() -> tuple[list[str], list[str]]:
+    """The method's (merge-wide, per-model) parameter names, in the kernel's order.
+
+    Per-model parameters may also be set at the top level, as defaults for every model.
+    """
+    parameters = finetuning_transfer.spec.parameters
+    merge_wide = [p.name for p in parameters if p.scope == ParameterScope.SHARED]
+    return merge_wide, [p.name for p in parameters if p.scope != ParameterScope.SHARED]
+
+
+def _check_model_keys(model: ModelReference, parameters: dict) -> None:
+    keys = set(parameters)
+    merge_wide, per_model = _method_parameters()
+    misplaced = sorted(keys & set(merge_wide))
+    if misplaced:
+        raise FinetuningTransferError(
+            f"{', '.join(f'`{k}`' for k in misplaced)} under model {model} is a setting of "
+            "the whole merge, which mergekit reads only from the top-level `parameters:`: "
+            "move it there."
+        )
+    extra = sorted(keys - {"role"})
+    if parameters.get("role") == Role.source_base.value and extra:
+        raise FinetuningTransferError(
+            f"model {model} is the source_base and takes only `role`, but has "
+            f"{', '.join(f'`{k}`' for k in extra)}: the delta is finetuned − source_base, "
+            "so `weight`, `density`, … go on each source_finetuned model."
+        )
+    _refuse_unread(keys - set(per_model), f"the parameters of {model}")
 
 
 # Read only together with a `sparsification_method`; without one they change nothing.
@@ -196,17 +203,16 @@ def _check_sparsification_settings(config: MergeConfiguration) -> None:
         )
 
 
-def _refuse_unread(keys: set[str], where: str, parameters) -> None:
+def _refuse_unread(keys: set[str], where: str) -> None:
     if not keys:
         return
+    merge_wide, per_model = _method_parameters()
     hints = []
     for key in sorted(keys):
         if key in _KEY_HINTS:
             hints.append(_KEY_HINTS[key])
-        elif close := difflib.get_close_matches(key, [p.name for p in parameters], n=1):
+        elif close := difflib.get_close_matches(key, [*merge_wide, *per_model], n=1):
             hints.append(f"Did you mean `{close[0]}` for `{key}`?")
-    merge_wide = [p.name for p in parameters if p.scope == ParameterScope.SHARED]
-    per_model = [p.name for p in parameters if p.scope != ParameterScope.SHARED]
     raise FinetuningTransferError(
         f"{METHOD_NAME} does not read {', '.join(f'`{k}`' for k in sorted(keys))} in "
         f"{where}; mergekit would ignore {'it' if len(keys) == 1 else 'them'} silently. "
