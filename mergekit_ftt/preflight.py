@@ -35,6 +35,7 @@ from mergekit_ftt.merge_methods.finetuning_transfer import (
     finetuning_transfer,
     split_roles,
 )
+from mergekit_ftt.precision import plan_precision
 
 _MAX_LISTED = 5
 
@@ -126,7 +127,12 @@ def check_merge(
     _check_floating_point(checkpoints)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
     _check_tensors(checkpoints, configs, finetuned, allow_vocabulary)
-    return _card_safe_paths(config)
+    plan = plan_precision(
+        config, {model: _safetensors_names(c.dtypes) for model, c in checkpoints.items()}
+    )
+    if plan.message:
+        print(plan.message, file=sys.stderr)
+    return _card_safe_paths(plan.config)
 
 
 def check_output_path(out_path: str) -> None:
@@ -502,6 +508,13 @@ def _read_pickled_shard(path: str, shard: str, options: MergeOptions) -> dict[st
         for name, tensor in state.items()
         if isinstance(tensor, torch.Tensor)
     }
+
+
+def _safetensors_names(dtypes: set[torch.dtype]) -> set[str]:
+    """safetensors' names of ``dtypes`` (``"BF16"``, ``"F32"``), as :func:`plan_precision`
+    takes them."""
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    return {names[dtype] for dtype in dtypes if dtype in names}
 
 
 def _first_line(error: BaseException) -> str:

@@ -252,8 +252,8 @@ KEY_CASES = {
         None,
         "does not read `int8_mask`, `lambda` in the top-level `parameters:`; mergekit would "
         "ignore them silently. It reads, in the top-level `parameters:`, "
-        "sparsification_method, consensus_method, rescale, normalize; per model, role, "
-        "weight, density, epsilon, gamma.*Scale a delta with its model's `weight`",
+        "sparsification_method, consensus_method, rescale, normalize, output_dtype; per "
+        "model, role, weight, density, epsilon, gamma.*Scale a delta with its model's `weight`",
     ),
     "typo per model": (
         {},
