@@ -9,6 +9,8 @@ repository and the fix.
 
 from __future__ import annotations
 
+import os
+
 import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import (
@@ -110,8 +112,8 @@ def is_network_error(error: BaseException) -> bool:
     """A connection that failed or timed out (no answer from the Hub at all)."""
     if isinstance(error, ConnectionError | TimeoutError):
         return True
-    try:
-        import httpx2 as http  # huggingface_hub >= 1.x
+    try:  # whichever of the two HTTP clients this huggingface_hub uses
+        import httpx2 as http
     except ImportError:
         try:
             import httpx as http
@@ -121,17 +123,6 @@ def is_network_error(error: BaseException) -> bool:
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
-    """The local cache folder holding ``repo_id``'s config and weights, if there is one."""
-    import os
-
+    """The local cache folder of ``repo_id`` at ``revision``, if its config.json is there."""
     config = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    if not isinstance(config, str):
-        return None
-    folder = os.path.dirname(config)
-    weights = (
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-        "pytorch_model.bin.index.json",
-    )
-    return folder if any(os.path.exists(os.path.join(folder, w)) for w in weights) else None
+    return os.path.dirname(config) if isinstance(config, str) else None

@@ -8,6 +8,7 @@ a local HTTP server that answers like the Hub (``HF_ENDPOINT``) while the real
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +22,12 @@ import pytest
 from helpers import OFFLINE_ENV, merge, nothing_written, run_cli, transfer_recipe
 from huggingface_hub.errors import OfflineModeIsEnabled
 from huggingface_hub.utils import hf_raise_for_status
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
 
 from mergekit_ftt import hub
+from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -192,6 +197,28 @@ def test_probe_asks_once(repo_id, outcome, fake_hub, tmp_path):
     )
     assert result.stdout.strip() == outcome, result.stderr
     assert FakeHub.asked == [f"/{repo_id}/resolve/main/config.json"]
+
+
+def test_offline_with_a_cached_copy_names_its_folder(llama, monkeypatch, tmp_path):
+    """mergekit lists a Hub model's files on the Hub even when it is cached: the fix is the
+    cached snapshot's folder."""
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(llama.model("ft_a", 3), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    recipe = transfer_recipe(llama.model("target", 1), [("org/tiny", 1.0)], llama.model("b", 2))
+    with pytest.raises(FinetuningTransferError, match="HF_HUB_OFFLINE set") as refused:
+        run_merge(
+            MergeConfiguration.model_validate(recipe),
+            str(tmp_path / "out"),
+            MergeOptions(quiet=True),
+        )
+    assert f"A copy is in the Hugging Face cache: write {snapshot} in the recipe" in str(
+        refused.value
+    )
+    assert nothing_written(tmp_path / "out")
 
 
 def test_paper_recipe_without_network(tmp_path):

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from mergekit_ftt import hub
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.preflight.checkpoints import WEIGHT_FILES
 from mergekit_ftt.preflight.recipe import referenced_models
 
 
@@ -58,6 +59,10 @@ def _unreachable(error: BaseException, repo_id: str, revision: str | None, messa
     if not offline and not hub.is_network_error(error):
         return message
     snapshot = hub.cached_snapshot(repo_id, revision)
+    if snapshot is not None and not any(
+        os.path.exists(os.path.join(snapshot, weights)) for weights in WEIGHT_FILES
+    ):
+        snapshot = None  # only the config was fetched (by transformers, say)
     if snapshot is not None:
         fix = f"A copy is in the Hugging Face cache: write {snapshot} in the recipe"
     else:
