@@ -62,8 +62,9 @@ class StoredTensor:
 class StoredCheckpoint:
     """The weights of one input as stored: names, shapes and dtypes, from headers only.
 
-    For ``BASE+ADAPTER`` inputs these are the base model's files: mergekit merges the
-    adapter into them first (``--lora-merge-cache``), with the same names and shapes.
+    For ``BASE+ADAPTER`` inputs these are the base model's names and shapes with the
+    dtypes of the copy mergekit merges the adapter into (``--lora-merge-dtype``, else the
+    base's own): that copy, in ``--lora-merge-cache``, is what the merge reads.
     """
 
     model: ModelReference
