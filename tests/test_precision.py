@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import load_weights, run_cli
+from helpers import load_weights, run_cli
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from safetensors.torch import save_file
