@@ -17,7 +17,6 @@ runs it at the top of mergekit's ``run_merge`` and merges the configuration it r
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from mergekit.common import ModelReference
@@ -33,8 +32,8 @@ from mergekit_ftt.preflight.checkpoints import (
     StoredCheckpoint,
     StoredTensor,
     check_floating_point,
+    note,
     read_checkpoint,
-    safetensors_names,
 )
 from mergekit_ftt.preflight.models import card_safe_paths, locate
 from mergekit_ftt.preflight.recipe import (
@@ -82,11 +81,9 @@ def check_merge(
     check_floating_point(checkpoints)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
     _check_tensors(checkpoints, configs, finetuned, allow_vocabulary)
-    plan = plan_precision(
-        config, {model: safetensors_names(c.dtypes) for model, c in checkpoints.items()}
-    )
+    plan = plan_precision(config, {model: c.dtypes for model, c in checkpoints.items()})
     if plan.message:
-        print(plan.message, file=sys.stderr)
+        note(plan.message, options)
     return card_safe_paths(plan.config)
 
 

@@ -112,7 +112,7 @@ def _as_merged_with_adapter(
     narrow = {t.dtype for t in tensors.values() if t.dtype in (torch.bfloat16, torch.float16)}
     if narrow:
         name = str(min(narrow, key=str)).removeprefix("torch.")
-        _note(
+        note(
             f"mergekit merges the adapter of {model} into its {name} base in {name}, which "
             f"rounds the adapter's update to {name} before the delta is taken; "
             "--lora-merge-dtype float32 keeps it (use a new --lora-merge-cache folder: "
@@ -188,7 +188,7 @@ def _read_shard(
 def _read_pickled_shard(path: str, shard: str, options: MergeOptions) -> dict[str, StoredTensor]:
     """A ``torch.save`` file, memory-mapped (only its index is read), as mergekit reads it."""
     if not options.lazy_unpickle:
-        _note(
+        note(
             f"{path} is a pickled .bin file: mergekit loads each such file whole; "
             "--lazy-unpickle reads it tensor by tensor.",
             options,
@@ -230,13 +230,6 @@ def check_floating_point(checkpoints: dict[ModelReference, StoredCheckpoint]) ->
             )
 
 
-def safetensors_names(dtypes: set[torch.dtype]) -> set[str]:
-    """safetensors' names of ``dtypes`` (``"BF16"``, ``"F32"``), as :func:`plan_precision`
-    takes them."""
-    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-    return {names[dtype] for dtype in dtypes if dtype in names}
-
-
 def _first_line(error: BaseException) -> str:
     """``Type: message``, cut to its first line or sentence, without a final full stop."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -245,7 +238,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.rstrip('.')}"
 
 
-def _note(message: str, options: MergeOptions) -> None:
+def note(message: str, options: MergeOptions) -> None:
     """One line for the user on stderr, beside mergekit's own output (not with --quiet)."""
     if not options.quiet:
         print(f"mergekit-ftt: {message}", file=sys.stderr, flush=True)
