@@ -15,15 +15,11 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from mergekit_ftt import hub
 from mergekit_ftt.cli import FttError
 
 log = logging.getLogger(__name__)
 
-OFFLINE_MODEL_HINT = (
-    "To use it offline, download it where the Hub is reachable (`hf download {repo}{revision}`; "
-    "a gated model needs its license accepted on huggingface.co and `hf auth login`), then run "
-    "with HF_HUB_OFFLINE=1; or give a local folder."
-)
 OFFLINE_DATASET_HINT = (
     "To use it offline, load it once where the Hub is reachable (this command, or "
     "datasets.load_dataset('{path}') in Python, fills the datasets cache), then run with "
@@ -66,49 +62,42 @@ def work_offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
 
 
 def require_model(name_or_path: str, revision: str | None = None) -> None:
-    """Fail with a one-line :class:`FttError` unless ``name_or_path`` is a local model folder
-    or a Hub model whose ``config.json`` can be fetched (from the Hub or the local cache)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
+    """Fail with a one-line :class:`FttError` unless ``name_or_path`` is a local model folder,
+    a Hub model this machine can fetch, or (offline) one in the Hugging Face cache, which
+    transformers loads from there. The Hub is asked once, without retries (:mod:`hub`)."""
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise FttError(f"model folder {name_or_path} has no config.json: not a saved model.")
         return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
-        hf_hub_download(name_or_path, "config.json", revision=revision)
-        return
+        validate_repo_id(name_or_path)
     except HFValidationError:
         raise FttError(
             f"model {name_or_path!r}: no such local folder (looked in {Path.cwd()}), and not a "
             "Hub model id (organisation/name)."
         ) from None
-    except LocalEntryNotFoundError:
-        reason = "the Hub is unreachable (offline) and it is not in the local Hugging Face cache"
-    except GatedRepoError:
-        reason = "it is a gated repository and this machine is not logged in with access to it"
-    except RevisionNotFoundError:
-        reason = f"the repository has no revision {revision!r}"
-    except RepositoryNotFoundError:
-        reason = "no such repository on the Hub (misspelled, or private) and no local folder"
-    except EntryNotFoundError:
-        reason = "the repository has no config.json: not a transformers model"
-    except (HfHubHTTPError, OSError) as error:
-        reason = _one_line(error)
-    at = f" (revision {revision})" if revision else ""
-    hint = OFFLINE_MODEL_HINT.format(
-        repo=name_or_path, revision=f" --revision {revision}" if revision else ""
-    )
-    raise FttError(f"cannot load model {name_or_path!r}{at}: {reason}. {hint}")
+    try:
+        hub.probe(name_or_path, "config.json", revision=revision)
+        return
+    except Exception as error:
+        offline = isinstance(error, hub.OfflineModeIsEnabled) or hub.is_network_error(error)
+        if offline and hub.cached_snapshot(name_or_path, revision) is not None:
+            return
+        message = hub.explain(error, name_or_path, revision=revision, filename="config.json")
+        if message is None:
+            raise
+    if offline:
+        at = f" (revision {revision})" if revision else ""
+        message = (
+            f"cannot load model {name_or_path!r}{at}: the Hub is unreachable (offline) and it "
+            "is not in the local Hugging Face cache. To use it offline, download it where the "
+            f"Hub is reachable ({hub.download_hint(name_or_path, revision)}) and give that "
+            "folder as the model, or fill the cache there and run with HF_HUB_OFFLINE=1."
+        )
+    raise FttError(message)
 
 
 def dataset_error(error: BaseException, what: str) -> FttError:

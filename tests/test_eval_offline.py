@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import error_line
+from helpers import error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,9 @@ def test_hub_model_out_of_reach(tmp_path):
         ftt_eval("--suite", "llama3-instruct", "--model", model, cwd=tmp_path), "ftt-eval"
     )
     assert "cannot load model 'meta-llama/Meta-Llama-3-8B': the Hub is unreachable" in line
-    assert "`hf download meta-llama/Meta-Llama-3-8B`" in line and "HF_HUB_OFFLINE=1" in line
+    assert (
+        "`hf download meta-llama/Meta-Llama-3-8B --local-dir" in line and "HF_HUB_OFFLINE=1" in line
+    )
     assert not (tmp_path / "out").exists()
 
 

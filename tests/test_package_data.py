@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import OFFLINE_ENV
+from helpers import OFFLINE_ENV
 
 from mergekit_ftt.cli import FttError
 from mergekit_ftt.package_data import data_folder, find_data_file, shipped_names

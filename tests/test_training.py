@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import error_line
+from helpers import error_line
 
 from mergekit_ftt.chat_templates import tulu_chat_template
 from mergekit_ftt.cli import FttError
