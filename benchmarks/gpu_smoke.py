@@ -162,8 +162,11 @@ def compare_outputs(root: Path, paths: dict[str, Path]) -> dict:
 
 def training(root: Path, log: Path, cpu_only: bool) -> list[dict]:
     smoke = root / "smoke"
-    config = "mergekit_ftt/training/configs/cpu_smoke.yaml"
-    common = ["--model_name_or_path", str(smoke / "base"), "--datasets", str(smoke / "train.jsonl")]
+    # The shipped CPU smoke config, with this run's model and data.
+    config = root / "smoke.yaml"
+    data = {"path": "json", "data_files": str(smoke / "train.jsonl"), "columns": ["messages"]}
+    config.write_text(json.dumps({"include": "cpu_smoke", "datasets": [data]}))
+    common = ["--model_name_or_path", str(smoke / "base")]
     steps = [run([sys.executable, "-m", "mergekit_ftt.training.smoke", str(smoke)], log)]
     gpu = [] if cpu_only else ["--use_cpu", "false", "--bf16", "true"]
     steps.append(
@@ -173,7 +176,7 @@ def training(root: Path, log: Path, cpu_only: bool) -> list[dict]:
                 "-m",
                 "mergekit_ftt.training.sft",
                 "--config",
-                config,
+                str(config),
                 *common,
                 "--output_dir",
                 str(smoke / "ft"),
@@ -183,7 +186,7 @@ def training(root: Path, log: Path, cpu_only: bool) -> list[dict]:
         )
     )
     if not cpu_only:
-        fsdp = "mergekit_ftt/training/configs/accelerate/fsdp.yaml"
+        fsdp = "training/accelerate/fsdp.yaml"
         launch = [
             sys.executable,
             "-m",
@@ -200,7 +203,7 @@ def training(root: Path, log: Path, cpu_only: bool) -> list[dict]:
                     "-m",
                     "mergekit_ftt.training.sft",
                     "--config",
-                    config,
+                    str(config),
                     *common,
                     "--output_dir",
                     str(smoke / "ft_fsdp"),

@@ -3,24 +3,34 @@
 - A problem the user can fix is an :class:`FttError` whose message names the problem and
   the fix; :func:`entry_point` prints it as ``PROG: error: MESSAGE`` and exits with 2,
   never with a traceback.
-- Long work prints stage lines (:class:`Stages`) and progress bars; library logs
-  (transformers, datasets, TRL, lm-eval, mergekit) go to a log file unless ``--verbose``
-  (:func:`library_logs`).
+- Long work prints stage lines and one progress bar per long stage (:class:`Stages`);
+  library logs and output (transformers, datasets, TRL, lm-eval, mergekit) go to a log file
+  unless ``--verbose`` (:func:`library_logs`).
+- Options live in one pydantic model; :func:`add_options` generates their flags and
+  :func:`options_from` reads them back, as mergekit does with ``MergeOptions``.
 
 Nothing here imports torch or a library it quiets: the commands' ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import logging
 import os
 import sys
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from tqdm import tqdm
 
 # The loggers of the libraries our commands drive; their INFO chatter is for the log file.
 LIBRARY_LOGGERS = (
@@ -72,34 +82,62 @@ def entry_point(prog: str) -> Callable[[Callable[[Sequence[str] | None], int | N
 
 
 class Stages:
-    """Stage lines ``[PROG   12 s] message``: what a long command is doing, and since when."""
+    """Stage lines ``[PROG   12 s] message`` and progress bars, on the terminal.
 
-    def __init__(self, prog: str, stream=None) -> None:
+    The stream is fixed when the object is made, so stage lines and bars still reach the
+    terminal while :func:`library_logs` sends everything else to the log file.
+    """
+
+    def __init__(self, prog: str, stream: IO[str] | None = None) -> None:
         self.prog = prog
         self.started = time.monotonic()
-        self.stream = stream
+        self.stream = stream or sys.stdout
 
     def __call__(self, message: str) -> None:
         elapsed = time.monotonic() - self.started
-        print(
-            f"[{self.prog} {elapsed:5.0f} s] {message}", file=self.stream or sys.stdout, flush=True
+        print(f"[{self.prog} {elapsed:5.0f} s] {message}", file=self.stream, flush=True)
+
+    def print(self, text: str = "") -> None:
+        """A line of the command's own output (a table, a path)."""
+        print(text, file=self.stream, flush=True)
+
+    def progress(self, total: int, description: str, unit: str = "step") -> tqdm:
+        """One bar for a long stage; close it (or use it as a context manager) when done."""
+        from tqdm import tqdm
+
+        return tqdm(
+            total=total,
+            desc=f"  {description}",
+            unit=unit,
+            file=self.stream,
+            dynamic_ncols=True,
+            # Piped output gets a few updates, not one per step.
+            mininterval=0.5 if self.stream.isatty() else 30,
+            disable=False,  # not silenced with the libraries' bars
         )
 
 
 @contextlib.contextmanager
-def library_logs(log_file: str | os.PathLike | None, verbose: bool = False) -> Iterator[None]:
-    """Send the libraries' logs and warnings to ``log_file`` (appended) unless ``verbose``.
+def library_logs(
+    log_file: str | os.PathLike | None, verbose: bool = False
+) -> Iterator[IO[str] | None]:
+    """Send the libraries' logs, warnings and printed output to ``log_file`` (appended)
+    unless ``verbose``; yields the open log (for subprocesses), or None when nothing moves.
 
-    With ``verbose`` (or no log file) nothing changes. Otherwise the library loggers stop
-    propagating to the terminal and write to the file, Python warnings are logged there,
-    and the libraries' own progress bars are switched off (commands draw their own).
+    With ``verbose`` (or no log file) nothing changes. Otherwise the library loggers write
+    to the file instead of the terminal, Python warnings are logged there, ``sys.stdout``
+    and ``sys.stderr`` point at it (TRL prints its loss lines, lm-eval draws its bars), so
+    does file descriptor 2 (what child processes such as lm-eval's ``git`` calls write),
+    and the Hugging Face libraries' own progress bars are switched off. Stage lines and bars
+    of a :class:`Stages` made before entering still reach the terminal.
     """
     if verbose or log_file is None:
-        yield
+        yield None
         return
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    log = path.open("a", encoding="utf-8", buffering=1)
+    handler = logging.StreamHandler(log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = {}
     for name in (*LIBRARY_LOGGERS, "py.warnings"):
@@ -111,12 +149,21 @@ def library_logs(log_file: str | os.PathLike | None, verbose: bool = False) -> I
     saved_env = {key: os.environ.get(key) for key in _QUIET_ENV}
     os.environ.update(_QUIET_ENV)
     logging.captureWarnings(True)
+    sys.stderr.flush()
+    saved_stderr_fd = os.dup(2)
+    os.dup2(log.fileno(), 2)
     try:
-        with warnings.catch_warnings():
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
             warnings.simplefilter("default")
             _quiet_loaded_libraries()
-            yield
+            yield log
     finally:
+        os.dup2(saved_stderr_fd, 2)
+        os.close(saved_stderr_fd)
         logging.captureWarnings(False)
         for name, (handlers, propagate, level) in saved.items():
             logger = logging.getLogger(name)
@@ -127,7 +174,7 @@ def library_logs(log_file: str | os.PathLike | None, verbose: bool = False) -> I
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        handler.close()
+        log.close()
 
 
 # Read by huggingface_hub, datasets and transformers when they draw a progress bar.
@@ -148,3 +195,65 @@ def _quiet_loaded_libraries() -> None:
         import datasets
 
         datasets.disable_progress_bars()
+
+
+# --- options models -> command-line flags --------------------------------------------
+
+
+def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """Add one flag per field of the pydantic ``model``, with the field's description as help.
+
+    Each field ``batch_size`` is ``--batch-size`` and also ``--batch_size`` (lm-eval's and
+    TRL's spelling). ``bool`` fields are switches; ``bool | None`` fields take an optional
+    ``true|false`` (alone: true); ``list`` fields repeat; ``Literal`` fields list their
+    choices; ``dict`` fields take ``key=value`` pairs. Unset flags stay out of the namespace, so the model's defaults apply.
+    """
+    group = parser.add_argument_group(model.__name__, (model.__doc__ or "").split("\n\n")[0])
+    for name, info in model.model_fields.items():
+        flags = dict.fromkeys([f"--{name.replace('_', '-')}", f"--{name}"])
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        default = "" if info.default in (None, False, []) else f" (default: {info.default})"
+        kwargs["help"] = (info.description or "") + default
+        kwargs.update(_flag_kind(info.annotation))
+        group.add_argument(*flags, **kwargs)
+
+
+def options_from(args: argparse.Namespace, model: type[BaseModel]) -> Any:
+    """The ``model`` built from the flags :func:`add_options` added; bad values are an FttError."""
+    from pydantic import ValidationError
+
+    given = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    try:
+        return model(**given)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise FttError(problems) from None
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def _flag_kind(annotation: Any) -> dict[str, Any]:
+    """argparse settings for a field annotation (pydantic validates the value afterwards)."""
+    origin = typing.get_origin(annotation)
+    members = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else ()
+    present = [member for member in members if member is not type(None)] or [annotation]
+    if annotation is bool:
+        return {"action": "store_true"}
+    if present == [bool]:
+        return {"nargs": "?", "const": True, "type": parse_bool, "metavar": "true|false"}
+    if typing.get_origin(present[0]) is list:
+        return {"action": "append"}
+    if typing.get_origin(present[0]) is dict:
+        return {"action": "extend", "nargs": "+", "metavar": "KEY=VALUE"}
+    if typing.get_origin(present[0]) is Literal:
+        return {"choices": typing.get_args(present[0])}
+    if len(present) == 1 and present[0] in (int, float):
+        return {"type": present[0]}
+    return {}

@@ -12,20 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-# The Tülu chat template (Open-Instruct), with {% generation %} markers around the
-# assistant's reply and EOS so that TRL's `assistant_only_loss` can find them.
-# Rendering is unchanged by the markers.
-TULU_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
-    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{% if not loop.last %}{{ '\n' }}{% endif %}"
-    "{% endif %}"
-    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-    "{% endfor %}"
-)
+from mergekit_ftt.chat_templates import TULU_CHAT_TEMPLATE
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<|endoftext|>"  # OLMo 2 style: BOS = EOS

@@ -38,6 +38,14 @@ def run_cli(
     )
 
 
+def error_line(run: subprocess.CompletedProcess, prog: str) -> str:
+    """The one ``PROG: error: ...`` line a failed ``ftt-*`` command prints, with no traceback."""
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith(f"{prog}: error:")]
+    return line
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):

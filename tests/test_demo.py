@@ -10,18 +10,21 @@ import sys
 
 import pytest
 
-from mergekit_ftt.demo.cli import mark_finished, prepare_output
+from mergekit_ftt.cli import FttError
+from mergekit_ftt.demo.cli import LOG_FILE, mark_finished, prepare_output
 from mergekit_ftt.demo.config import load_config
 from mergekit_ftt.demo.corpus import TaskConfig, World, held_out_examples, sft_examples
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess:
+    """ftt-demo as a user runs it; the output as bytes decoded, so that a bar's "\r"
+    updates stay on their line as in a terminal (text mode would make each a line)."""
     command = shutil.which("ftt-demo")
     argv = [command] if command else [sys.executable, "-m", "mergekit_ftt.demo"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*argv, *args], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
+    run = subprocess.run([*argv, *args], capture_output=True, env=env, timeout=600, check=False)
+    run.stdout, run.stderr = run.stdout.decode(), run.stderr.decode()
+    return run
 
 
 @pytest.mark.slow
@@ -51,6 +54,14 @@ def test_quick_demo_transfers_the_finetuning_to_the_later_checkpoint(tmp_path):
     assert accuracy["FT(M_b)"] > accuracy["M_b"]
     assert scores["M_b + Δ_a"]["base"] == "M_b"
     assert "| M_b + Δ_a |" in result.stdout  # the table is printed
+    # Stage lines, one bar per long stage and the table; the libraries' output is in the log.
+    printed = result.stdout + result.stderr
+    assert printed.count("\n") <= 30, printed
+    assert "Traceback" not in printed and "'loss'" not in printed and "INFO" not in printed
+    lines = printed.split("\n")  # a bar's updates share its line ("\r")
+    assert sum(line.startswith("[ftt-demo") for line in lines) == 7
+    assert sum("100%|" in line for line in lines) == 4  # pre-training, 2 fine-tunings, eval
+    assert "'loss'" in (out / LOG_FILE).read_text()  # TRL's loss lines
 
     # A finished run is not overwritten without --overwrite.
     again = run_demo("--quick", "--out", str(out))
@@ -60,14 +71,14 @@ def test_quick_demo_transfers_the_finetuning_to_the_later_checkpoint(tmp_path):
 
 def test_output_folder_that_is_not_a_demo_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(RuntimeError, match="not empty and holds no demo run"):
+    with pytest.raises(FttError, match="not empty and holds no demo run"):
         prepare_output(tmp_path, {"preset": "quick", "seed": 0}, ["main"], overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_unfinished_run_with_other_settings_is_not_resumed(tmp_path):
     prepare_output(tmp_path, {"preset": "quick", "seed": 0}, ["main"], overwrite=False)
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(FttError, match="other settings"):
         prepare_output(tmp_path, {"preset": "quick", "seed": 1}, ["main"], overwrite=False)
 
 
@@ -80,7 +91,7 @@ def test_unfinished_run_resumes_and_a_finished_one_is_replaced_only_with_overwri
     mark_finished(tmp_path, "main")
     prepare_output(tmp_path, settings, ["main", "finetune_after"], overwrite=False)
     assert (tmp_path / "models").is_dir()  # a new part on a finished run reuses its stages
-    with pytest.raises(RuntimeError, match="finished demo run"):
+    with pytest.raises(FttError, match="finished demo run"):
         prepare_output(tmp_path, settings, ["main"], overwrite=False)
     prepare_output(tmp_path, settings, ["main"], overwrite=True)
     assert not (tmp_path / "models").exists()

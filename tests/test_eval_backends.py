@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mergekit_ftt.cli import FttError
 from mergekit_ftt.eval import BackendOptions, BackendUnavailable, ModelSpec, backends, olmes
 from mergekit_ftt.eval.suites import load_suite
 
@@ -65,8 +66,23 @@ def test_vllm_gets_parallelism_memory_and_seed_not_device():
     assert backends.batch_size("vllm", BackendOptions(batch_size=64)) == 64
 
 
+def test_model_args_pass_through_last_in_lm_evals_forms():
+    options = BackendOptions(device="cuda:1", model_args="max_length=64,dtype=bfloat16")
+    assert backends.model_args("hf", "/m", options, cuda=True) == {
+        "pretrained": "/m",
+        "trust_remote_code": False,
+        "device": "cuda:1",
+        "dtype": "bfloat16",  # --model_args wins over --dtype's default
+        "max_length": 64,
+    }
+    as_json = BackendOptions(model_args='{"enforce_eager": true, "max_num_seqs": 8}')
+    assert as_json.model_args == {"enforce_eager": True, "max_num_seqs": 8}
+    several = BackendOptions(model_args=["a=1,b=x", "c=true"])
+    assert several.model_args == {"a": 1, "b": "x", "c": True}
+
+
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="unknown backend 'sglang'"):
+    with pytest.raises(FttError, match="unknown backend 'sglang'"):
         backends.require_backend("sglang")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mergekit_ftt.cli import FttError
 from mergekit_ftt.eval.report import build_table, to_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def test_cli_report_on_plain_lm_eval_folders_with_base_flag(tmp_path: Path):
 
 
 def test_unknown_base_is_a_clear_error(results_dir: Path):
-    with pytest.raises(ValueError, match="declares base 'Llama 2', which has no results"):
+    with pytest.raises(FttError, match="declares base 'Llama 2', which has no results"):
         build_table([results_dir], bases={"Llama 3.0 + Δ3.1": "Llama 2"})
 
 
@@ -141,6 +142,6 @@ def test_missing_metric_names_what_exists(tmp_path: Path):
     record["columns"][0]["metrics"] = ["exact_match,flexible-extract"]
     (folder / "ftt_run.json").write_text(json.dumps(record), encoding="utf-8")
     with pytest.raises(
-        ValueError, match="no metric exact_match,flexible-extract; it has exact_match,strict_match"
+        FttError, match="no metric exact_match,flexible-extract; it has exact_match,strict_match"
     ):
         build_table([tmp_path])

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from mergekit_ftt import tiny
+from mergekit_ftt.cli import FttError
 from mergekit_ftt.eval import BackendOptions, ModelSpec, cli, evaluate_models, runner
 
 pytestmark = pytest.mark.slow
@@ -139,8 +141,19 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     tasks = write_tasks(root / "tasks1", truth, truth)
     # First run: the command line a user types, parsed and run by the console entry point
     # in this process (a subprocess would pay lm-eval's ~10 s import again).
-    argv = f"run --model tiny={model} --suite tiny-chat --include-path {tasks} --output {root / 'out1'}"
-    assert cli.main([*argv.split(), "--backend", "hf", "--device", "cpu", "--batch-size", "8"]) == 0
+    # lm-eval's spellings (--include_path, --batch_size, --model_args) work beside ours.
+    argv = f"run --model tiny={model} --suite tiny-chat --include_path {tasks} --output {root / 'out1'}"
+    flags = [
+        "--backend",
+        "hf",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "8",
+        "--model_args",
+        "max_length=512",
+    ]
+    assert cli.main([*argv.split(), *flags]) == 0
     return {"root": root, "model": model}
 
 
@@ -156,6 +169,7 @@ def test_cli_run_writes_lm_eval_layout_with_per_column_chat_settings(workspace):
     assert chat_run["fewshot_as_multiturn"] is True and chat_run["chat_template"]
     assert chat_run["config"]["model_args"]["device"] == "cpu"
     assert chat_run["config"]["model_args"]["dtype"] == "float32"
+    assert chat_run["config"]["model_args"]["max_length"] == 512
     plain_run = json.loads(by_task["tiny_macro"].read_text(encoding="utf-8"))
     assert plain_run["fewshot_as_multiturn"] is False and plain_run["chat_template"] is None
 
@@ -254,10 +268,11 @@ def test_other_settings_or_force_recompute(planted):
     assert metrics(forced) == metrics(limited)
 
 
-def test_label_holding_another_model_is_refused(planted):
-    with pytest.raises(ValueError, match="holds results of"):
+def test_label_holding_another_model_is_refused(planted, tmp_path):
+    other = shutil.copytree(planted["spec"].pretrained, tmp_path / "other")
+    with pytest.raises(FttError, match="holds results of"):
         evaluate_models(
-            [ModelSpec("tiny", "/elsewhere/model")],
+            [ModelSpec("tiny", str(other))],
             "tiny-chat",
             planted["out"],
             backend="hf",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergekit_ftt.cli import FttError
 from mergekit_ftt.eval import SUITES_DIR, load_suite, runner
 from mergekit_ftt.eval.suites import shipped_suites
 
@@ -82,11 +83,10 @@ def test_mmlu_groups_cover_the_57_subjects_with_a_macro_average():
         assert cfg["aggregate_metric_list"][0]["weight_by_size"] is False
 
 
-def test_unknown_task_fails_before_any_model_loads(tmp_path: Path, manager):
+def test_unknown_task_fails_before_any_model_loads(tmp_path: Path, manager, olmo2):
     from mergekit_ftt.eval import ModelSpec, evaluate_models
 
-    with pytest.raises(ValueError, match="knows no task or group named no_such_task"):
-        evaluate_models(
-            [ModelSpec("m", str(tmp_path))], ["no_such_task"], tmp_path / "o", backend="hf"
-        )
+    model = ModelSpec("m", str(olmo2.model("m", seed=0)))
+    with pytest.raises(FttError, match="knows no task or group named no_such_task"):
+        evaluate_models([model], ["no_such_task"], tmp_path / "o", backend="hf")
     assert not (tmp_path / "o").exists()

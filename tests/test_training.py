@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import error_line
 
-from mergekit_ftt.training import sft
-from mergekit_ftt.training.data import DatasetSpecError
-from mergekit_ftt.training.smoke import make_smoke_inputs
+from mergekit_ftt.chat_templates import tulu_chat_template
+from mergekit_ftt.cli import FttError
+from mergekit_ftt.training import checks, sft
+from mergekit_ftt.training.smoke import arithmetic_rows, make_smoke_inputs, write_jsonl
 
 pytest.importorskip("trl")
 
@@ -62,11 +64,16 @@ def llama_inputs(tmp_path_factory) -> Path:
     )
 
 
+def local_data(path: Path) -> list[dict]:
+    """A `datasets:` entry for a local JSONL file, as the configs write it."""
+    return [{"path": "json", "data_files": str(path), "columns": ["messages"]}]
+
+
 def write_config(path: Path, inputs: Path, output_dir: Path, **overrides) -> Path:
     config = {
         **FAST_SETTINGS,
         "model_name_or_path": str(inputs / "base"),
-        "datasets": [{"path": str(inputs / "train.jsonl")}],
+        "datasets": local_data(inputs / "train.jsonl"),
         "output_dir": str(output_dir),
         **overrides,
     }
@@ -76,6 +83,12 @@ def write_config(path: Path, inputs: Path, output_dir: Path, **overrides) -> Pat
 
 def parsed(config: Path, *overrides: str):
     return sft.parse_args(["--config", str(config), *overrides])
+
+
+def trainer_for(config: Path, *overrides: str):
+    script_args, training_args, model_args, dataset_args = parsed(config, *overrides)
+    dataset = sft.load_train_dataset(script_args, dataset_args)
+    return sft.build_trainer(script_args, training_args, model_args, dataset)
 
 
 def first_row(inputs: Path) -> dict:
@@ -98,9 +111,8 @@ class StepRecorder:
         self.callback = _Callback()
 
 
-def test_tulu_template_renders_like_open_instruct_with_bos(olmo_inputs):
-    script_args, _, model_config = parsed(write_config(olmo_inputs / "t.yaml", olmo_inputs, "x"))
-    tokenizer = sft.load_tokenizer(script_args, model_config, trust_remote_code=False)
+def test_tulu_template_renders_like_open_instruct_with_bos(olmo_inputs, tmp_path):
+    tokenizer = trainer_for(write_config(tmp_path / "t.yaml", olmo_inputs, "x")).processing_class
     messages = first_row(olmo_inputs)["messages"]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     user, assistant = messages[0]["content"], messages[1]["content"]
@@ -110,10 +122,7 @@ def test_tulu_template_renders_like_open_instruct_with_bos(olmo_inputs):
 
 
 def test_only_assistant_tokens_carry_loss(olmo_inputs, tmp_path):
-    config = write_config(tmp_path / "c.yaml", olmo_inputs, tmp_path / "out")
-    script_args, sft_config, model_config = parsed(config)
-    dataset = sft.load_mixture(script_args.datasets, seed=script_args.dataset_seed)
-    trainer = sft.build_trainer(script_args, sft_config, model_config, dataset)
+    trainer = trainer_for(write_config(tmp_path / "c.yaml", olmo_inputs, tmp_path / "out"))
     rows = [json.loads(line) for line in (olmo_inputs / "train.jsonl").read_text().splitlines()]
     answers = {row["messages"][1]["content"] for row in rows}
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -130,9 +139,7 @@ def test_only_assistant_tokens_carry_loss(olmo_inputs, tmp_path):
 
 def test_summed_loss_equals_open_instruct_reduce_loss_sum(olmo_inputs, tmp_path):
     config = write_config(tmp_path / "c.yaml", olmo_inputs, tmp_path / "out")
-    script_args, sft_config, model_config = parsed(config, "--gradient_accumulation_steps", "2")
-    dataset = sft.load_mixture(script_args.datasets, seed=script_args.dataset_seed)
-    trainer = sft.build_trainer(script_args, sft_config, model_config, dataset)
+    trainer = trainer_for(config, "--gradient_accumulation_steps", "2")
     trainer.current_gradient_accumulation_steps = 2  # set by the training loop each step
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     trainer.model.train()
@@ -178,12 +185,10 @@ def test_sft_loss_falls_and_output_loads_and_is_protected(olmo_inputs, tmp_path)
     ]
     assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
     tokenizer = AutoTokenizer.from_pretrained(output)
-    assert tokenizer.chat_template == sft.tulu_chat_template(add_bos=True)
+    assert tokenizer.chat_template == tulu_chat_template(add_bos=True)
 
-    with pytest.raises(
-        sft.ConfigError, match=r"already holds a finished model.*overwrite_output_dir"
-    ):
-        sft.main(["--config", str(config), "--resume", "true"])
+    with pytest.raises(FttError, match=r"already holds a finished model.*overwrite_output_dir"):
+        sft.train(*parsed(config, "--resume", "true"))
 
 
 class Crash(RuntimeError):
@@ -208,7 +213,7 @@ def test_killed_run_resumes_from_checkpoint_with_same_data_order(llama_inputs, t
         interrupted / "model.safetensors"
     ).exists()
 
-    with pytest.raises(sft.ConfigError, match=r"unfinished run.*checkpoint-4.*--resume true"):
+    with pytest.raises(FttError, match=r"unfinished run.*checkpoint-4.*--resume true"):
         sft.train(*parsed(config))
 
     recorder = StepRecorder()
@@ -225,20 +230,18 @@ def test_killed_run_resumes_from_checkpoint_with_same_data_order(llama_inputs, t
 
 def test_unknown_config_keys_are_named_with_the_fix(olmo_inputs, tmp_path):
     config = write_config(tmp_path / "c.yaml", olmo_inputs, tmp_path / "o", warmup_ratio=0.03)
-    with pytest.raises(sft.ConfigError, match=r"'warmup_ratio'.*warmup_steps: 0.03"):
+    with pytest.raises(FttError, match=r"'warmup_ratio'.*warmup_steps: 0.03"):
         parsed(config)
     config = write_config(tmp_path / "c.yaml", olmo_inputs, tmp_path / "o", learning_rat=1e-3)
-    with pytest.raises(
-        sft.ConfigError, match="'learning_rat' \\(did you mean 'learning_rate'\\?\\)"
-    ):
+    with pytest.raises(FttError, match="'learning_rat' \\(did you mean 'learning_rate'\\?\\)"):
         parsed(config)
     config = write_config(
         tmp_path / "c.yaml",
         olmo_inputs,
         tmp_path / "o",
-        datasets=[{"path": "x.jsonl", "frac": 0.5}],
+        datasets=[{"path": "json", "data_file": "x.jsonl"}],
     )
-    with pytest.raises(DatasetSpecError, match="'frac' \\(did you mean 'fraction'\\?\\)"):
+    with pytest.raises(FttError, match="'data_file' \\(did you mean 'data_files'\\?\\)"):
         parsed(config)
 
 
@@ -247,23 +250,21 @@ def test_missing_dataset_fails_before_the_model_is_loaded(olmo_inputs, tmp_path)
         tmp_path / "c.yaml",
         olmo_inputs,
         tmp_path / "o",
-        model_name_or_path=str(tmp_path / "no_such_model"),
-        datasets=[{"path": str(tmp_path / "missing.jsonl")}],
+        datasets=local_data(tmp_path / "missing.jsonl"),
     )
-    with pytest.raises(DatasetSpecError, match=r"missing.jsonl' does not exist"):
+    with pytest.raises(FttError, match=r"cannot load the training data \(json\): .*missing.jsonl"):
         sft.train(*parsed(config))
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_flash_attention_asked_for_without_flash_attn_says_what_to_install(olmo_inputs, tmp_path):
-    if sft.importlib.util.find_spec("flash_attn") is not None:
-        pytest.skip("flash-attn is installed here")
     config = write_config(
         tmp_path / "c.yaml", olmo_inputs, tmp_path / "o", attn_implementation="flash_attention_2"
     )
-    with pytest.raises(sft.ConfigError, match="pip install flash-attn"):
+    with pytest.raises(FttError, match="pip install flash-attn"):
         sft.train(*parsed(config))
-    assert sft.resolve_attn_implementation(None) is None  # no CUDA here: the default attention
+    assert checks.resolve_attn_implementation(None) is None  # no CUDA: the default attention
 
 
 @pytest.mark.slow
@@ -292,86 +293,127 @@ def test_ftt_train_console_command_trains_tiny_llama(llama_inputs, tmp_path):
 
 
 def test_paper_configs_hold_the_paper_hyperparameters():
-    configs = REPO / "mergekit_ftt" / "training" / "configs"
     expected_models = {
-        "olmo2_m4_math.yaml": ("allenai/OLMo-2-1124-7B", "stage2-ingredient1-step6000-tokens26B"),
-        "olmo2_m5_math.yaml": ("allenai/OLMo-2-1124-7B", "stage2-ingredient1-step11931-tokens50B"),
-        "olmo2_m5_transfer_then_math.yaml": ("out/olmo2_m5_plus_delta_m4_math", "main"),
+        "olmo2_m4_math": ("allenai/OLMo-2-1124-7B", "stage2-ingredient1-step6000-tokens26B"),
+        "olmo2_m5_math": ("allenai/OLMo-2-1124-7B", "stage2-ingredient1-step11931-tokens50B"),
+        "olmo2_m5_transfer_then_math": ("out/olmo2_m5_plus_delta_m4_math", "main"),
     }
     for name, (model, revision) in expected_models.items():
-        # bf16 needs a GPU unless use_cpu is set; this machine has none.
-        script_args, sft_config, model_config = sft.parse_args(
-            ["--config", str(configs / name), "--use_cpu", "true"]
+        # By name, as an installed wheel finds them; bf16 needs a GPU unless use_cpu is set.
+        script_args, training_args, model_args, dataset_args = sft.parse_args(
+            ["--config", name, "--use_cpu", "true"]
         )
-        assert (model_config.model_name_or_path, model_config.model_revision) == (model, revision)
-        assert [source.path for source in script_args.datasets] == [
-            "allenai/tulu-3-sft-personas-math",
-            "allenai/tulu-3-sft-personas-math-grade",
-            "allenai/tulu-3-sft-personas-algebra",
-        ]
-        assert {source.fraction for source in script_args.datasets} == {1.0}
+        assert (model_args.model_name_or_path, model_args.model_revision) == (model, revision)
+        assert training_args.output_dir == f"out/{name}"
+        assert [(d.path, d.columns, d.fraction) for d in dataset_args.datasets] == [
+            ("allenai/tulu-3-sft-personas-math", ["messages"], None),
+            ("allenai/tulu-3-sft-personas-math-grade", ["messages"], None),
+            ("allenai/tulu-3-sft-personas-algebra", ["messages"], None),
+        ]  # no fraction: every row of each dataset, the paper's equal mix
         assert (script_args.chat_template, script_args.add_bos) == ("tulu", True)
         assert (script_args.loss_reduction, script_args.total_batch_size) == ("sum", 8)
-        assert sft_config.learning_rate == 5e-6
-        assert sft_config.lr_scheduler_type == "linear"
-        assert sft_config.get_warmup_steps(30000) == 900  # ratio 0.03
-        assert sft_config.weight_decay == 0.0
-        assert sft_config.max_steps == 30000
-        assert sft_config.max_length == 2048
-        assert sft_config.bf16 and sft_config.seed == 123
-        assert (sft_config.save_strategy, sft_config.save_steps) == ("steps", 5000)
-        assert sft_config.assistant_only_loss
+        assert training_args.learning_rate == 5e-6
+        assert training_args.lr_scheduler_type == "linear"
+        assert training_args.get_warmup_steps(30000) == 900  # ratio 0.03
+        assert training_args.weight_decay == 0.0
+        assert training_args.max_steps == 30000
+        assert training_args.max_length == 2048
+        assert training_args.bf16 and training_args.seed == 123
+        assert (training_args.save_strategy, training_args.save_steps) == ("steps", 5000)
+        assert training_args.assistant_only_loss
         # 4 processes × 2 per device × 1 accumulation step = 8, as in the paper.
-        assert script_args.total_batch_size == 4 * sft_config.per_device_train_batch_size
+        assert script_args.total_batch_size == 4 * training_args.per_device_train_batch_size
+
+
+def test_config_include_is_overridden_by_the_including_file(tmp_path):
+    (tmp_path / "_shared.yaml").write_text("learning_rate: 0.5\nmax_steps: 7\nseed: 3\n")
+    (tmp_path / "run.yaml").write_text(
+        "include: _shared.yaml\nmax_steps: 9\nmodel_name_or_path: m\nuse_cpu: true\n"
+    )
+    _, training_args, model_args, _ = parsed(tmp_path / "run.yaml", "--seed", "4")
+    assert (training_args.learning_rate, training_args.max_steps) == (0.5, 9)
+    assert (training_args.seed, model_args.model_name_or_path) == (4, "m")
+    with pytest.raises(FttError, match="'olmo2_m9_math' is neither a file nor a shipped training"):
+        sft.parse_args(["--config", "olmo2_m9_math"])
+    # A user's config on top of a shipped one, by name.
+    (tmp_path / "mine.yaml").write_text("include: olmo2_m4_math\nmax_steps: 10\nuse_cpu: true\n")
+    _, training_args, model_args, _ = parsed(tmp_path / "mine.yaml")
+    assert (training_args.max_steps, training_args.learning_rate) == (10, 5e-6)
+    assert model_args.model_revision == "stage2-ingredient1-step6000-tokens26B"
 
 
 def test_accelerate_configs_load_without_deepspeed():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    folder = REPO / "mergekit_ftt" / "training" / "configs" / "accelerate"
-    zero3 = load_config_from_file(str(folder / "zero3.yaml"))
+    from mergekit_ftt.package_data import find_data_file
+
+    zero3 = load_config_from_file(str(find_data_file("training", "accelerate/zero3")))
     assert zero3.distributed_type == "DEEPSPEED" and zero3.deepspeed_config["zero_stage"] == 3
     assert zero3.deepspeed_config["zero3_save_16bit_model"] is True
-    fsdp = load_config_from_file(str(folder / "fsdp.yaml"))
+    fsdp = load_config_from_file(str(find_data_file("training", "accelerate/fsdp")))
     assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
     for config in (zero3, fsdp):
         assert (config.mixed_precision, config.num_processes) == ("bf16", 4)
 
 
-def test_mixture_takes_fractions_and_rows_with_a_seed(tmp_path):
-    from mergekit_ftt.training.data import DatasetSource, load_mixture
-    from mergekit_ftt.training.smoke import arithmetic_rows, write_jsonl
-
+def test_mixture_is_trls_with_fractions_as_shares(tmp_path):
     first = write_jsonl(arithmetic_rows(10, seed=0), tmp_path / "a.jsonl")
     second = write_jsonl(arithmetic_rows(20, seed=1), tmp_path / "b.json")
-    sources = [
-        DatasetSource(path=str(first), fraction=0.5),
-        DatasetSource(path=str(second), rows=3),
-    ]
-    mixture = load_mixture(sources, seed=7)
-    assert mixture.column_names == ["messages"] and len(mixture) == 5 + 3
-    assert list(load_mixture(sources, seed=7)["messages"]) == list(mixture["messages"])
-    assert list(load_mixture(sources, seed=8)["messages"]) != list(mixture["messages"])
-    full = load_mixture([DatasetSource(path=str(first), fraction=1.0)], seed=7)
-    assert full["messages"] == [row["messages"] for row in arithmetic_rows(10, seed=0)]
-    with pytest.raises(DatasetSpecError, match="has 20 rows, fewer than the 21 asked for"):
-        load_mixture([DatasetSource(path=str(second), rows=21)], seed=7)
-    with pytest.raises(DatasetSpecError, match="give `fraction` or `rows`, not both"):
-        DatasetSource(path="x.jsonl", fraction=0.5, rows=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "datasets": [
+                    {**local_data(first)[0], "fraction": 0.5},
+                    {**local_data(second)[0], "fraction": 0.5},
+                ],
+                "use_cpu": True,
+            }
+        )
+    )
+    script_args, _, _, dataset_args = parsed(config)
+    mixture = sft.load_train_dataset(script_args, dataset_args)
+    # TRL's rule: equal shares, capped by the smaller dataset: the first 10 rows of each.
+    rows = arithmetic_rows(10, seed=0) + arithmetic_rows(20, seed=1)[:10]
+    assert mixture.column_names == ["messages"]
+    assert mixture["messages"] == [row["messages"] for row in rows]
 
 
-def test_hub_dataset_offline_is_a_clear_error(tmp_path):
-    code = (
-        "from mergekit_ftt.training.data import DatasetSource, load_mixture\n"
-        "load_mixture([DatasetSource('allenai/tulu-3-sft-personas-algebra')], seed=1)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert run.returncode == 1
+def ftt_train_error(*args: str, home: Path) -> str:
+    """The error line of `ftt-train` run as a user runs it without Hub access (as here)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(home)}
+    env.pop("HF_HUB_OFFLINE", None)  # the command finds out by itself
+    run = subprocess.run(["ftt-train", *args], capture_output=True, text=True, env=env, timeout=300)
+    return error_line(run, "ftt-train")
+
+
+@pytest.mark.slow  # imports TRL in a subprocess: ~30 s on the busy 2-core machine
+def test_unreachable_hub_model_is_one_line_naming_it_and_the_offline_recipe(tmp_path):
+    error = ftt_train_error(
+        "--config", "olmo2_m4_math", "--use_cpu", "true", "--output_dir", str(tmp_path / "o"),
+        home=tmp_path / "hf",
+    )  # fmt: skip
     assert (
-        "DatasetSpecError: could not load dataset 'allenai/tulu-3-sft-personas-algebra' "
-        "(split 'train')" in run.stderr
+        "cannot load model 'allenai/OLMo-2-1124-7B' (revision "
+        "stage2-ingredient1-step6000-tokens26B): the Hub is unreachable" in error
     )
-    assert "offline, only datasets already in the Hugging Face cache" in run.stderr
+    assert "hf download allenai/OLMo-2-1124-7B --revision stage2-ingredient1-step6000" in error
+    assert "HF_HUB_OFFLINE=1" in error
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # imports TRL in a subprocess: ~30 s on the busy 2-core machine
+def test_unreachable_hub_dataset_is_one_line_naming_it(olmo_inputs, tmp_path):
+    config = write_config(
+        tmp_path / "c.yaml",
+        olmo_inputs,
+        tmp_path / "o",
+        datasets=[{"path": "allenai/tulu-3-sft-personas-algebra", "columns": ["messages"]}],
+    )
+    error = ftt_train_error("--config", str(config), home=tmp_path / "hf")
+    assert (
+        "cannot load the training data (allenai/tulu-3-sft-personas-algebra): "
+        "Couldn't reach 'allenai/tulu-3-sft-personas-algebra' on the Hub" in error
+    )
+    assert "datasets.load_dataset('allenai/tulu-3-sft-personas-algebra')" in error
+    assert not (tmp_path / "o").exists()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from mergekit_ftt.cli import FttError
 from mergekit_ftt.training import iterate, sft
 from mergekit_ftt.training.smoke import make_smoke_inputs
 
@@ -20,7 +21,7 @@ needs_method = pytest.mark.skipif(
 
 
 def test_template_gets_each_rounds_models_by_role(tmp_path):
-    template = yaml.safe_load(iterate.DEFAULT_TEMPLATE.read_text())
+    template = iterate.load_template()
     rounds = iterate.plan_rounds(Path("M_a"), Path("ft_a"), [Path("M_b"), Path("M_c")], tmp_path)
     second = iterate.fill_template(template, rounds[1])
     assert second == {
@@ -37,9 +38,9 @@ def test_template_gets_each_rounds_models_by_role(tmp_path):
         "tokenizer": {"source": str(tmp_path / "round1" / "finetuned")},
     }
     bad_role = [{"model": "SOURCE_FINETUNED", "parameters": {"role": "finetuned"}}]
-    with pytest.raises(iterate.IterateError, match=r"role 'finetuned'; use model SOURCE_"):
+    with pytest.raises(FttError, match=r"role 'finetuned'; use model SOURCE_"):
         iterate.fill_template({**template, "models": bad_role}, rounds[0])
-    with pytest.raises(iterate.IterateError, match="exactly one source_finetuned"):
+    with pytest.raises(FttError, match="exactly one source_finetuned"):
         iterate.fill_template({**template, "models": template["models"][:1]}, rounds[0])
 
 
@@ -85,7 +86,10 @@ def test_two_rounds_of_transfer_then_finetune(tmp_path, capsys, one_thread):
     config.write_text(
         yaml.safe_dump(
             {
-                "datasets": [{"path": str(inputs / "train.jsonl")}],
+                "datasets": [
+                    {"path": "json", "data_files": str(inputs / "train.jsonl"),
+                     "columns": ["messages"]}
+                ],
                 "dataset_num_proc": 1, "chat_template": "tulu", "max_length": 128,
                 "learning_rate": 1.0e-2, "max_steps": 3, "per_device_train_batch_size": 8,
                 "use_cpu": True, "bf16": False, "activation_checkpointing": False,
@@ -96,7 +100,7 @@ def test_two_rounds_of_transfer_then_finetune(tmp_path, capsys, one_thread):
     first_ft = tmp_path / "ft0"
     sft.main(["--config", str(config), "--model_name_or_path", str(inputs / "base"),
               "--output_dir", str(first_ft)])  # fmt: skip
-    template = yaml.safe_load(iterate.DEFAULT_TEMPLATE.read_text()) | {"dtype": "float32"}
+    template = iterate.load_template() | {"dtype": "float32"}
     template_path = tmp_path / "round.yml"
     template_path.write_text(yaml.safe_dump(template))
 

@@ -1,8 +1,12 @@
 """``ftt-demo``: the paper's checkpoint-to-checkpoint transfer in miniature, offline on a CPU.
 
-ftt-demo                       # full run (2-3 minutes on 2 cores), output in ftt-demo-out/
-ftt-demo --quick --out /tmp/d  # smaller and faster (about 1.5 minutes)
+ftt-demo                       # full run (2-3 minutes on an idle 2-core machine), in ftt-demo-out/
+ftt-demo --quick --out /tmp/d  # smaller and faster: what the test suite runs
 ftt-demo --finetune-after      # also transfer-then-finetune vs fine-tuning M_b alone
+
+It prints its stage lines, one progress bar per long stage and the table; what TRL,
+transformers, datasets, lm-eval and mergekit print goes to ``ftt-demo.log`` in the output
+folder (``--verbose`` shows it instead).
 """
 
 from __future__ import annotations
@@ -15,18 +19,16 @@ from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
 
+from mergekit_ftt.cli import FttError, Stages, entry_point, library_logs
 from mergekit_ftt.demo import pipeline
-from mergekit_ftt.demo.config import load_config
-from mergekit_ftt.demo.pipeline import FT_A, FT_B, M_A, M_B, TRANSFER, Layout, say
+from mergekit_ftt.demo.config import DemoConfig, load_config
+from mergekit_ftt.demo.pipeline import FT_A, FT_B, M_A, M_B, TRANSFER, Layout
 
 RUN_FILE = "demo.json"
+LOG_FILE = "ftt-demo.log"
 DEMO_MODULES = ("trl", "datasets", "lm_eval", "matplotlib")  # the [demo] extra
 LABELS = (M_A, M_B, FT_A, FT_B, TRANSFER)
 TITLE = "ftt-demo: tiny OLMo 2, held-out chat sums"
-
-
-class DemoError(RuntimeError):
-    """The demo cannot start; the message names the problem and the fix."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("ftt-demo-out"), help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, models and training")
-    parser.add_argument("--quick", action="store_true", help="smaller run, for tests (~1.5 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller run, for tests")
     parser.add_argument(
         "--finetune-after",
         action="store_true",
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch CPU threads (default from the preset: 1, fastest on a busy 2-core machine)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show the libraries' logs instead of writing them to OUT/{LOG_FILE}",
+    )
     return parser
 
 
@@ -59,38 +66,41 @@ def require_extras() -> None:
     """The demo runs the training and eval stacks: say what to install if one is missing."""
     missing = [name for name in DEMO_MODULES if find_spec(name) is None]
     if missing:
-        raise DemoError(
+        raise FttError(
             f"ftt-demo needs {', '.join(missing)}, which is not installed: "
             "pip install 'mergekit-ftt[demo]'"
         )
 
 
-def prepare_output(out: Path, settings: dict, parts: list[str], overwrite: bool) -> None:
+def prepare_output(
+    out: Path, settings: dict, parts: list[str], overwrite: bool, say: Stages | None = None
+) -> None:
     """Start, resume or (with ``--overwrite``) restart the run in ``out``; never clobber
     a finished run or a folder that is not a demo run."""
     record_path = out / RUN_FILE
     if out.exists() and not out.is_dir():
-        raise DemoError(f"--out {out} is a file; give a folder")
+        raise FttError(f"--out {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not record_path.exists():
-        raise DemoError(f"{out} is not empty and holds no demo run; choose another --out")
+        raise FttError(f"{out} is not empty and holds no demo run; choose another --out")
     if record_path.exists():
         record = json.loads(record_path.read_text(encoding="utf-8"))
         finished = set(record.get("finished", []))
         if overwrite:
             shutil.rmtree(out)
         elif set(parts) <= finished:
-            raise DemoError(
+            raise FttError(
                 f"{out} holds a finished demo run; pass --overwrite to run it again, "
                 "or choose another --out"
             )
         elif record["settings"] != settings:
-            raise DemoError(
+            raise FttError(
                 f"{out} holds a demo run with other settings "
                 f"({record['settings']['preset']}, seed {record['settings']['seed']}); "
                 "rerun with those to resume it, pass --overwrite, or choose another --out"
             )
         else:
-            say(f"resuming the run in {out}: finished stages are skipped")
+            if say is not None:
+                say(f"resuming the run in {out}: finished stages are skipped")
             return
     out.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps({"settings": settings, "finished": []}, indent=2))
@@ -103,57 +113,65 @@ def mark_finished(out: Path, part: str) -> None:
     record_path.write_text(json.dumps(record, indent=2))
 
 
-def run(args: argparse.Namespace) -> None:
-    require_extras()
-    import torch
+def run_main_table(
+    layout: Layout, config: DemoConfig, seed: int, threads: int, say: Stages, log
+) -> tuple[str, dict[str, Path]]:
+    """Data, pre-training, fine-tuning, transfer and evaluation: the demo's table."""
+    world = pipeline.write_data(layout, config, seed)
+    say(
+        f"data: {config.task.sft_examples} chat questions about early facts for SFT, "
+        f"{config.task.test_examples} held-out questions about late facts ({layout.data})"
+    )
+    pipeline.run_pretraining(layout, config, world, seed, say)
+    pipeline.run_finetuning(layout, config, seed, say)
+    pipeline.run_transfer(layout, threads, say, log)
+    say(f"evaluating {len(LABELS)} models with lm-eval (hf backend, chat template, exact match)")
+    pipeline.evaluate_table_models(layout, LABELS, say)
+    return pipeline.write_report(layout, LABELS, TITLE)
 
-    preset = "quick" if args.quick else "full"
-    config = load_config(preset)
-    threads = args.threads or config.torch_threads
-    torch.set_num_threads(threads)
-    settings = {"preset": preset, "seed": args.seed, "config": config.to_dict()}
-    parts = ["main", *(["finetune_after"] if args.finetune_after else [])]
-    prepare_output(args.out, settings, parts, args.overwrite)
-    layout = Layout(args.out)
 
-    world = pipeline.write_data(layout, config, args.seed)
-    pipeline.run_pretraining(layout, config, world, args.seed)
-    pipeline.run_finetuning(layout, config, args.seed)
-    pipeline.run_transfer(layout, threads)
-    say("evaluating with lm-eval (hf backend, chat template, exact match)")
-    pipeline.evaluate(layout, LABELS)
-    table, paths = pipeline.write_report(layout, LABELS, TITLE)
-    mark_finished(args.out, "main")
-    if args.finetune_after:
-        from mergekit_ftt.demo import finetune_after
-
-        paths.update(finetune_after.run(layout, config, args.seed))
-        mark_finished(args.out, "finetune_after")
-
-    print()
-    print(table)
-    print(
+def caption(config: DemoConfig) -> str:
+    return (
         f"M_a = stage-2 step {config.checkpoint_a_step}, M_b = stage-2 step "
         f"{config.pretrain.stage2.steps} of one pre-training run; FT(·) = fine-tuned with "
         f"ftt-train on chat questions about early facts; test = {config.task.test_examples} "
         f"held-out chat questions about facts first told in stage 2; {TRANSFER} = "
         "M_b + (FT(M_a) − M_a) by mergekit-yaml (finetuning_transfer)."
     )
-    for kind, path in paths.items():
-        print(f"  {kind}: {path}")
-    say("done")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@entry_point("ftt-demo")
+def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from mergekit_ftt.training.iterate import IterateError
+    require_extras()
+    import torch
 
-    try:
-        run(args)
-    except (DemoError, IterateError) as error:
-        print(f"ftt-demo: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    say = Stages("ftt-demo")
+    preset = "quick" if args.quick else "full"
+    config = load_config(preset)
+    threads = args.threads or config.torch_threads
+    torch.set_num_threads(threads)
+    settings = {"preset": preset, "seed": args.seed, "config": config.to_dict()}
+    parts = ["main", *(["finetune_after"] if args.finetune_after else [])]
+    prepare_output(args.out, settings, parts, args.overwrite, say)
+    layout = Layout(args.out)
+
+    with library_logs(args.out / LOG_FILE, args.verbose) as log:
+        table, paths = run_main_table(layout, config, args.seed, threads, say, log)
+        mark_finished(args.out, "main")
+        if args.finetune_after:
+            from mergekit_ftt.demo import finetune_after
+
+            paths.update(finetune_after.run(layout, config, args.seed, say))
+            mark_finished(args.out, "finetune_after")
+
+    say.print()
+    say.print(table)
+    say.print(caption(config))
+    folder = Path(next(iter(paths.values()))).parent
+    say.print(f"  report in {folder}: {', '.join(Path(path).name for path in paths.values())}")
+    logs = "" if args.verbose else f"; library logs in {args.out / LOG_FILE}"
+    say(f"done{logs}")
 
 
 if __name__ == "__main__":

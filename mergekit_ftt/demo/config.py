@@ -10,6 +10,7 @@ import yaml
 
 from mergekit_ftt.demo.corpus import TaskConfig
 from mergekit_ftt.demo.pretrain import ModelConfig, PretrainConfig, StageConfig
+from mergekit_ftt.package_data import with_includes
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
@@ -52,9 +53,9 @@ class DemoConfig:
 
 
 def load_config(preset: str) -> DemoConfig:
-    """Read ``configs/<preset>.yaml``."""
+    """Read ``configs/<preset>.yaml`` (``quick`` includes ``full`` and makes it smaller)."""
     path = CONFIGS_DIR / f"{preset}.yaml"
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = with_includes(yaml.safe_load(path.read_text(encoding="utf-8")), CONFIGS_DIR)
     pretrain = dict(raw["pretrain"])
     pretrain["stage1"] = StageConfig(**pretrain["stage1"])
     pretrain["stage2"] = StageConfig(**pretrain["stage2"])

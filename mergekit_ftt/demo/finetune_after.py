@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mergekit_ftt.cli import Stages
 from mergekit_ftt.demo import pipeline
 from mergekit_ftt.demo.config import DemoConfig
-from mergekit_ftt.demo.pipeline import M_B, TRANSFER, Layout, say
+from mergekit_ftt.demo.pipeline import M_B, TRANSFER, Layout
+from mergekit_ftt.sources import is_finished_model
 
 STARTS = {M_B: "from_M_b", TRANSFER: "from_M_b_plus_delta_a"}
 
@@ -21,9 +23,9 @@ def checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))
 
 
-def finetune_from(layout: Layout, config: DemoConfig, start: str, seed: int) -> Path:
+def finetune_from(layout: Layout, config: DemoConfig, start: str, seed: int, say: Stages) -> Path:
     folder = layout.root / "finetune_after" / STARTS[start]
-    if pipeline.is_finished_model(folder):
+    if is_finished_model(folder):
         say(f"finetune-after: {folder} exists, skipped")
         return folder
     fa = config.finetune_after
@@ -41,13 +43,13 @@ def finetune_from(layout: Layout, config: DemoConfig, start: str, seed: int) -> 
         logging_steps=fa.eval_every // 2 or 1,
     )
     say(f"finetune-after: fine-tuning {start} for {fa.max_steps} steps")
-    pipeline.finetune(trl_config)
+    pipeline.finetune(trl_config, say, f"fine-tuning from {start}")
     return folder
 
 
-def accuracy_curve(layout: Layout, start: str, folder: Path) -> dict[int, float]:
+def accuracy_curve(layout: Layout, start: str, folder: Path, say: Stages) -> dict[int, float]:
     """Step → accuracy (%): step 0 from the main evaluation, then every saved checkpoint."""
-    from mergekit_ftt.eval import BackendOptions, ModelSpec, evaluate_models
+    from mergekit_ftt.eval import ModelSpec
     from mergekit_ftt.eval.report import build_table
 
     eval_dir = layout.root / "finetune_after" / "eval"
@@ -55,14 +57,8 @@ def accuracy_curve(layout: Layout, start: str, folder: Path) -> dict[int, float]
         ModelSpec(f"{STARTS[start]}-step{step}", str(folder / f"checkpoint-{step}"))
         for step in checkpoint_steps(folder)
     ]
-    evaluate_models(
-        specs,
-        pipeline.EVAL_SUITE,
-        eval_dir,
-        backend="hf",
-        options=BackendOptions(device="cpu", dtype="float32", batch_size=1),
-        include_path=[layout.tasks],
-    )
+    say(f"finetune-after: evaluating the {len(specs)} checkpoints from {start}")
+    pipeline.evaluate(layout, specs, eval_dir, say)
     # M_b's folder too: the "+ Δ" row of M_b + Δ_a refers to it.
     table = build_table(
         [layout.eval / M_B, layout.eval / TRANSFER, *(eval_dir / spec.label for spec in specs)]
@@ -107,14 +103,14 @@ def plot(curves: dict[str, dict], target: float, path: Path) -> None:
     plt.close(fig)
 
 
-def run(layout: Layout, config: DemoConfig, seed: int) -> dict[str, Path]:
+def run(layout: Layout, config: DemoConfig, seed: int, say: Stages) -> dict[str, Path]:
     """Fine-tune both starts, evaluate their checkpoints, write JSON and PNG; print a summary."""
     target = 100 * config.finetune_after.target_accuracy
     curves = {}
     for start in STARTS:
-        folder = finetune_from(layout, config, start, seed)
+        folder = finetune_from(layout, config, start, seed, say)
         curves[start] = {
-            "accuracy": accuracy_curve(layout, start, folder),
+            "accuracy": accuracy_curve(layout, start, folder, say),
             "loss": loss_curve(folder),
         }
         curves[start]["steps_to_target"] = steps_to_reach(curves[start]["accuracy"], target)

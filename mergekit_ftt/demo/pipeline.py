@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import yaml
 
+from mergekit_ftt.cli import Stages
 from mergekit_ftt.demo import corpus
 from mergekit_ftt.demo.config import CONFIGS_DIR, DemoConfig
 from mergekit_ftt.demo.pretrain import pretrain
-from mergekit_ftt.training.sft import is_finished_model
+from mergekit_ftt.sources import is_finished_model
 
 M_A, M_B, FT_A, FT_B, TRANSFER = "M_a", "M_b", "FT(M_a)", "FT(M_b)", "M_b + Δ_a"
 EVAL_TASK = "ftt_demo_sums"
@@ -66,13 +67,6 @@ class Layout:
         return self.root / "report"
 
 
-_STARTED = time.monotonic()
-
-
-def say(message: str) -> None:
-    print(f"[ftt-demo {time.monotonic() - _STARTED:5.0f} s] {message}", flush=True)
-
-
 # --- data ------------------------------------------------------------------------------
 
 
@@ -97,8 +91,8 @@ def write_data(layout: Layout, config: DemoConfig, seed: int) -> corpus.World:
 def build_tokenizer():
     """Characters as tokens (byte-level BPE with no merges) plus the chat markers, with the
     Tülu template that starts with BOS, as ``ftt-train`` renders it."""
+    from mergekit_ftt.chat_templates import tulu_chat_template
     from mergekit_ftt.tiny import build_tokenizer as bpe_tokenizer
-    from mergekit_ftt.training.sft import tulu_chat_template
 
     tokenizer = bpe_tokenizer([], vocab_size=0)  # 0: the 256 bytes, no merges
     tokenizer.chat_template = tulu_chat_template(add_bos=True)
@@ -108,7 +102,9 @@ def build_tokenizer():
 # --- pre-training ----------------------------------------------------------------------
 
 
-def run_pretraining(layout: Layout, config: DemoConfig, world: corpus.World, seed: int) -> None:
+def run_pretraining(
+    layout: Layout, config: DemoConfig, world: corpus.World, seed: int, say: Stages
+) -> None:
     if is_finished_model(layout.model(M_A)) and is_finished_model(layout.model(M_B)):
         say("pre-training: M_a and M_b exist, skipped")
         return
@@ -117,14 +113,19 @@ def run_pretraining(layout: Layout, config: DemoConfig, world: corpus.World, see
         f"pre-training a tiny OLMo 2: stage 1 {stage1.steps} steps, stage 2 {stage2.steps} "
         f"annealed steps; M_a = stage-2 step {config.checkpoint_a_step}, M_b = the end"
     )
-    pretrain(
-        world,
-        build_tokenizer(),
-        config.model,
-        config.pretrain,
-        seed,
-        {(2, config.checkpoint_a_step): layout.model(M_A), (2, stage2.steps): layout.model(M_B)},
-    )
+    with say.progress(stage1.steps + stage2.steps, "pre-training") as bar:
+        pretrain(
+            world,
+            build_tokenizer(),
+            config.model,
+            config.pretrain,
+            seed,
+            {
+                (2, config.checkpoint_a_step): layout.model(M_A),
+                (2, stage2.steps): layout.model(M_B),
+            },
+            on_step=bar.update,
+        )
 
 
 # --- fine-tuning (mergekit_ftt.training) ---------------------------------------------------
@@ -145,9 +146,14 @@ def write_trl_config(
         {
             "model_name_or_path": str(model.resolve()),
             "output_dir": str(output_dir.resolve()),
-            "datasets": [{"path": str((layout.data / "sft.jsonl").resolve())}],
+            "datasets": [
+                {
+                    "path": "json",
+                    "data_files": str((layout.data / "sft.jsonl").resolve()),
+                    "columns": ["messages"],
+                }
+            ],
             "seed": seed,
-            "dataset_seed": seed,
             "max_steps": config.finetune.max_steps,
             **overrides,
         }
@@ -158,14 +164,24 @@ def write_trl_config(
     return path
 
 
-def finetune(trl_config: Path, callbacks: Sequence = ()) -> Path:
-    """Run the project's TRL fine-tuning in this process, as ``ftt-train --config`` does."""
+def finetune(trl_config: Path, say: Stages, description: str) -> Path:
+    """Run the project's TRL fine-tuning in this process, as ``ftt-train --config`` does,
+    with a progress bar."""
+    from transformers import TrainerCallback
+
     from mergekit_ftt.training.sft import parse_args, train
 
-    return train(*parse_args(["--config", str(trl_config)]), callbacks=callbacks)
+    arguments = parse_args(["--config", str(trl_config)])
+    with say.progress(arguments[1].max_steps, description) as bar:
+
+        class Progress(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                bar.update(state.global_step - bar.n)
+
+        return train(*arguments, callbacks=[Progress()])
 
 
-def run_finetuning(layout: Layout, config: DemoConfig, seed: int) -> None:
+def run_finetuning(layout: Layout, config: DemoConfig, seed: int, say: Stages) -> None:
     for base, tuned in ((M_A, FT_A), (M_B, FT_B)):
         if is_finished_model(layout.model(tuned)):
             say(f"fine-tuning: {tuned} exists, skipped")
@@ -174,14 +190,16 @@ def run_finetuning(layout: Layout, config: DemoConfig, seed: int) -> None:
             layout, config, layout.model(tuned).name, layout.model(base), layout.model(tuned), seed
         )
         say(f"fine-tuning {base} → {tuned} with ftt-train --config {path}")
-        finetune(path)
+        finetune(path, say, f"fine-tuning {tuned}")
 
 
 # --- transfer (mergekit-yaml) ----------------------------------------------------------
 
 
-def run_transfer(layout: Layout, threads: int) -> None:
-    """M_b + (FT(M_a) − M_a) through the real ``mergekit-yaml``, as one ``ftt-iterate`` round."""
+def run_transfer(layout: Layout, threads: int, say: Stages, log: IO[str] | None) -> None:
+    """M_b + (FT(M_a) − M_a) through the real ``mergekit-yaml``, as one ``ftt-iterate`` round
+    (recipes/transfer_round.yml; float32, since a bf16 rounding would blur a delta this small).
+    ``log`` takes mergekit's output (None: the terminal)."""
     from mergekit_ftt.training import iterate
 
     if is_finished_model(layout.model(TRANSFER)):
@@ -194,18 +212,36 @@ def run_transfer(layout: Layout, threads: int) -> None:
         source_finetuned=layout.model(FT_A).resolve(),
         folder=layout.transfer.resolve(),
     )
-    template = yaml.safe_load((CONFIGS_DIR / "recipe.yml").read_text(encoding="utf-8"))
+    template = iterate.load_template() | {"dtype": "float32"}
     say(f"transfer: mergekit-yaml {layout.transfer / 'transfer.yml'} (finetuning_transfer)")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for the mergekit-yaml child
-    iterate.run_transfer(round_, template, ["--lazy-unpickle"])
+    iterate.run_transfer(round_, template, ["--lazy-unpickle"], output=log)
 
 
 # --- evaluation and report (mergekit_ftt.eval) -------------------------------------------
 
 
-def evaluate(layout: Layout, labels: Sequence[str], output_dir: Path | None = None) -> None:
-    """lm-eval (hf backend, CPU, chat template) on the held-out task, resumable per model."""
-    from mergekit_ftt.eval import BackendOptions, ModelSpec, evaluate_models
+def evaluate(layout: Layout, models: Sequence, output_dir: Path, say: Stages) -> None:
+    """lm-eval (hf backend, CPU, chat template) on the held-out task, resumable per model,
+    with one progress bar over the models."""
+    from mergekit_ftt.eval import BackendOptions, evaluate_models
+
+    with say.progress(len(models), "evaluating", unit="model") as bar:
+        evaluate_models(
+            models,
+            EVAL_SUITE,
+            output_dir,
+            backend="hf",
+            options=BackendOptions(device="cpu", dtype="float32", batch_size=1),
+            include_path=[layout.tasks],
+            log_samples=True,
+            on_model_done=lambda label: bar.update(),
+        )
+
+
+def evaluate_table_models(layout: Layout, labels: Sequence[str], say: Stages) -> None:
+    """The table's models: M_a, M_b, their fine-tuned versions and M_b + Δ_a (a "+ Δ" row)."""
+    from mergekit_ftt.eval import ModelSpec
 
     models = [
         ModelSpec(
@@ -213,15 +249,7 @@ def evaluate(layout: Layout, labels: Sequence[str], output_dir: Path | None = No
         )
         for label in labels
     ]
-    evaluate_models(
-        models,
-        EVAL_SUITE,
-        output_dir or layout.eval,
-        backend="hf",
-        options=BackendOptions(device="cpu", dtype="float32", batch_size=1),
-        include_path=[layout.tasks],
-        log_samples=True,
-    )
+    evaluate(layout, models, layout.eval, say)
 
 
 def write_report(layout: Layout, labels: Sequence[str], title: str) -> tuple[str, dict[str, Path]]:

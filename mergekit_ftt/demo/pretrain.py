@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,10 @@ def pretrain(
     config: PretrainConfig,
     seed: int,
     snapshots: dict[tuple[int, int], Path],
+    on_step: Callable[[], object] = lambda: None,
 ) -> None:
-    """Pre-train in two stages, saving the model at each ``(stage, step)`` of ``snapshots``."""
+    """Pre-train in two stages, saving the model at each ``(stage, step)`` of ``snapshots``;
+    ``on_step`` is called after every step (a progress bar)."""
     import torch
 
     rng = random.Random(seed)
@@ -135,6 +138,7 @@ def pretrain(
     for number, stage in ((1, config.stage1), (2, config.stage2)):
 
         def save(step: int, number: int = number) -> None:
+            on_step()
             out_dir = snapshots.get((number, step))
             if out_dir is not None:
                 model.save_pretrained(out_dir)

@@ -1,10 +1,11 @@
 """Evaluation through lm-eval: suites as task/group YAML, a runner and a paper-shaped report.
 
-Importing this package imports neither lm-eval, torch nor vLLM; the functions below
-import them when called.
+The suites are data, in the top-level ``eval/`` folder. Importing this package imports
+neither lm-eval, torch nor vLLM; the functions below import them when called.
 """
 
-from mergekit_ftt.eval.backends import BackendOptions, BackendUnavailable, default_backend
+from mergekit_ftt.eval.backends import BackendUnavailable, default_backend
+from mergekit_ftt.eval.options import BackendOptions, RunOptions
 from mergekit_ftt.eval.report import Table, build_table, write_report
 from mergekit_ftt.eval.runner import ModelSpec, evaluate_models
 from mergekit_ftt.eval.suites import SUITES_DIR, Column, Suite, load_suite
@@ -15,6 +16,7 @@ __all__ = [
     "BackendUnavailable",
     "Column",
     "ModelSpec",
+    "RunOptions",
     "Suite",
     "Table",
     "build_table",

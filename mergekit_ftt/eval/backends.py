@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib.util import find_spec
-from typing import Any, Literal
+from typing import Any, get_args
 
-Backend = Literal["hf", "vllm"]
-BACKENDS: tuple[Backend, ...] = ("hf", "vllm")
+from mergekit_ftt.cli import FttError
+from mergekit_ftt.eval.options import Backend, BackendOptions
+
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 VLLM_INSTALL_HINT = (
     "the vllm backend needs vLLM, which is not installed. On a CUDA machine run "
@@ -16,28 +17,8 @@ VLLM_INSTALL_HINT = (
 )
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(FttError):
     """The requested backend's package is missing."""
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """Everything a user may set about how a model is loaded and run.
-
-    Options a backend has no use for are ignored by it (``device`` for vLLM,
-    ``tensor_parallel_size`` for hf); ``None`` leaves lm-eval's default.
-    """
-
-    device: str | None = None  # hf: "cpu", "cuda", "cuda:1"; default cuda if present else cpu
-    dtype: str | None = None  # default: float32 on CPU, "auto" (the checkpoint's) elsewhere
-    batch_size: int | str | None = None  # default: 1 for hf, "auto" for vllm
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
-    add_bos_token: bool | None = None
-    seed: int = 1234
-    trust_remote_code: bool = False
 
 
 def _cuda_available() -> bool:
@@ -56,7 +37,7 @@ def default_backend() -> Backend:
 def require_backend(backend: str, options: BackendOptions | None = None) -> None:
     """Fail early, before any model loads, when ``backend`` cannot run here."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise FttError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "vllm":
         return
     if find_spec("vllm") is None:
@@ -72,7 +53,8 @@ def require_backend(backend: str, options: BackendOptions | None = None) -> None
 def model_args(
     backend: Backend, pretrained: str, options: BackendOptions, cuda: bool | None = None
 ) -> dict[str, Any]:
-    """lm-eval ``model_args`` for ``backend``; ``cuda`` overrides the device probe (for tests)."""
+    """lm-eval ``model_args`` for ``backend``: ``options.model_args`` over the other options;
+    ``cuda`` overrides the device probe (for tests)."""
     cuda = _cuda_available() if cuda is None else cuda
     args: dict[str, Any] = {
         "pretrained": pretrained,
@@ -88,7 +70,7 @@ def model_args(
         args["dtype"] = options.dtype or ("float32" if device == "cpu" else "auto")
         if options.max_model_len is not None:
             args["max_length"] = options.max_model_len
-        return args
+        return {**args, **(options.model_args or {})}
     args.update(
         dtype=options.dtype or "auto",
         tensor_parallel_size=options.tensor_parallel_size,
@@ -98,7 +80,7 @@ def model_args(
     )
     if options.max_model_len is not None:
         args["max_model_len"] = options.max_model_len
-    return args
+    return {**args, **(options.model_args or {})}
 
 
 def batch_size(backend: Backend, options: BackendOptions) -> int | str:

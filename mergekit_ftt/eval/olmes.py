@@ -14,7 +14,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.eval.backends import BackendOptions
+from mergekit_ftt.cli import FttError
+from mergekit_ftt.eval.options import BackendOptions
 from mergekit_ftt.eval.runner import ModelSpec
 from mergekit_ftt.eval.suites import Suite, load_suite
 
@@ -25,7 +26,7 @@ OLMES_HINT = (
 )
 
 
-class OlmesUnavailable(RuntimeError):
+class OlmesUnavailable(FttError):
     """``olmes`` is not installed, or the suite has no OLMES task ids."""
 
 

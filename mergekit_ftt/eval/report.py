@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergekit_ftt.cli import FttError
 from mergekit_ftt.eval.runner import RUN_FILE
 from mergekit_ftt.eval.suites import Column
 
@@ -57,13 +58,11 @@ def _model_dirs(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
-            raise FileNotFoundError(f"no result folder {path}")
+            raise FttError(f"no result folder {path}")
         candidates = [path] if any(path.glob("results_*.json")) else sorted(path.iterdir())
         found += [c for c in candidates if c.is_dir() and any(c.glob("results_*.json"))]
     if not found:
-        raise FileNotFoundError(
-            f"no results_*.json in {', '.join(map(str, paths))} or their subfolders"
-        )
+        raise FttError(f"no results_*.json in {', '.join(map(str, paths))} or their subfolders")
     return found
 
 
@@ -79,14 +78,14 @@ def _first_metric(metrics: Mapping[str, object]) -> tuple[str, ...]:
     for key, value in metrics.items():
         if "," in key and "_stderr," not in key and isinstance(value, int | float):
             return (key,)
-    raise ValueError(f"no metric among {list(metrics)}")
+    raise FttError(f"no metric among {list(metrics)}")
 
 
 def _score(model_dir: Path, column: Column, metrics: Mapping[str, object]) -> float:
     keys = column.metrics or _first_metric(metrics)
     missing = [k for k in keys if not isinstance(metrics.get(k), int | float)]
     if missing:
-        raise ValueError(
+        raise FttError(
             f"{model_dir}: task {column.task} has no metric {', '.join(missing)}; "
             f"it has {', '.join(k for k in metrics if ',' in k)}"
         )
@@ -119,7 +118,7 @@ def build_table(result_dirs: Sequence[str | Path], bases: Mapping[str, str] | No
     for model_dir in _model_dirs(result_dirs):
         row, columns = _read_model(model_dir)
         if any(r.label == row.label for r in rows):
-            raise ValueError(f"two result folders are labelled {row.label!r}")
+            raise FttError(f"two result folders are labelled {row.label!r}")
         rows.append(row)
         column_names += [
             c.name for c in columns if c.name not in column_names and c.name in row.scores
@@ -140,7 +139,7 @@ def _find(rows: list[Row], label: str, problem: str) -> Row:
     for row in rows:
         if row.label == label:
             return row
-    raise ValueError(f"{problem} {label!r}; rows are {', '.join(r.label for r in rows)}")
+    raise FttError(f"{problem} {label!r}; rows are {', '.join(r.label for r in rows)}")
 
 
 def _cell(table: Table, row: Row, column: str) -> str:

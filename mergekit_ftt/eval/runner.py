@@ -19,14 +19,16 @@ import gc
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mergekit_ftt.cli import FttError
 from mergekit_ftt.eval import backends
-from mergekit_ftt.eval.backends import BackendOptions
+from mergekit_ftt.eval.options import BackendOptions
 from mergekit_ftt.eval.suites import SUITES_DIR, Column, Suite, adhoc_suite, load_suite
+from mergekit_ftt.sources import dataset_error, require_model, work_offline_if_hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not self.label or _UNSAFE_LABEL.search(self.label):
-            raise ValueError(
+            raise FttError(
                 f"model label {self.label!r} cannot be a folder name (no '/', '\\\\', '.', '..')"
             )
 
@@ -126,11 +128,23 @@ def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
     manager = _manager(paths, builtin=True)
     unknown = _missing(manager.task_index, tasks)
     if unknown:
-        raise ValueError(
+        raise FttError(
             f"lm-eval knows no task or group named {', '.join(dict.fromkeys(unknown))}; "
             "check the spelling or add the folder holding its YAML with --include-path"
         )
     return manager
+
+
+def require_datasets(suite: Suite, manager) -> None:
+    """Build each column's tasks once, as lm-eval will (loading their datasets into the
+    datasets cache), so that a dataset out of reach stops the run before any model loads."""
+    from lm_eval.tasks import get_task_dict
+
+    for column in suite.columns:
+        try:
+            get_task_dict([column.task], task_manager=manager)
+        except (OSError, ValueError) as error:  # datasets' "cannot load this": many types
+            raise dataset_error(error, f"the dataset of task {column.task!r}") from None
 
 
 def _settings(limit: float | None, chat: bool, multiturn: bool) -> tuple:
@@ -160,7 +174,7 @@ def _record_run(model_dir: Path, spec: ModelSpec, suite: Suite, force: bool) -> 
     if record_path.exists():
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record["model"]["pretrained"] != spec.pretrained and not force:
-            raise ValueError(
+            raise FttError(
                 f"{model_dir} holds results of {record['model']['pretrained']!r}, not "
                 f"{spec.pretrained!r}; choose another label or output folder, or pass --force"
             )
@@ -232,11 +246,13 @@ def evaluate_models(
     apply_chat_template: bool | None = None,
     fewshot_as_multiturn: bool | None = None,
     log_samples: bool = True,
+    on_model_done: Callable[[str], object] = lambda label: None,
 ) -> dict[str, dict[str, Path]]:
     """Evaluate ``models`` on a suite (name or Suite) or a list of lm-eval task names.
 
     Returns, per model label, the results file of each column's task. Finished tasks
-    are read back, not recomputed, unless ``force``.
+    are read back, not recomputed, unless ``force``. ``on_model_done(label)`` is called
+    after each model (a progress bar).
     """
     include_paths = [Path(p) for p in include_path]
     suite = resolve_suite(suite_or_tasks, include_paths, apply_chat_template, fewshot_as_multiturn)
@@ -245,8 +261,13 @@ def evaluate_models(
     backends.require_backend(backend, options)
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"model labels must be unique, got {labels}")
+        raise FttError(f"model labels must be unique, got {labels}")
+    # Everything a run needs is checked before the first result is written.
+    work_offline_if_hub_unreachable()
+    for spec in models:
+        require_model(spec.pretrained)
     manager = task_manager(include_paths, [c.task for c in suite.columns])
+    require_datasets(suite, manager)
 
     output_dir = Path(output_dir)
     written: dict[str, dict[str, Path]] = {}
@@ -276,4 +297,5 @@ def evaluate_models(
             )
         del lm  # free the weights (and vLLM's engine) before the next model loads
         gc.collect()
+        on_model_done(spec.label)
     return written

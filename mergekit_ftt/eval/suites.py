@@ -1,7 +1,7 @@
 """Suites: lm-eval group YAMLs whose ``metadata.ftt`` block says how to run and tabulate them.
 
 A suite file ``<name>.yaml`` is an ordinary lm-eval group (``group: <name>``, ``task: [...]``),
-so plain ``lm_eval --include_path mergekit_ftt/eval/suites --tasks <name>`` also runs it.
+so plain ``lm_eval --include_path eval --tasks <name>`` also runs it.
 lm-eval ignores the ``metadata.ftt`` block; this module reads it:
 
     metadata:
@@ -26,7 +26,11 @@ from typing import Any
 
 import yaml
 
-SUITES_DIR = Path(__file__).parent / "suites"
+from mergekit_ftt.cli import FttError
+from mergekit_ftt.package_data import data_folder
+
+# The top-level eval/ folder: suites, the OLMES-equivalent task YAMLs and their sources.
+SUITES_DIR = data_folder("eval")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def _suite_file(name: str, include_paths: Sequence[Path]) -> Path:
         candidate = Path(folder) / f"{name}.yaml"
         if candidate.is_file():
             return candidate
-    raise ValueError(
+    raise FttError(
         f"unknown suite {name!r}: no {name}.yaml in {[str(p) for p in [*include_paths, SUITES_DIR]]}. "
         f"Shipped suites: {', '.join(shipped_suites())}."
     )
@@ -94,7 +98,7 @@ def load_suite(name: str, include_paths: Sequence[str | Path] = ()) -> Suite:
     path = _suite_file(name, [Path(p) for p in include_paths])
     raw = _read(path)
     if not _is_suite(raw) or raw["group"] != name:
-        raise ValueError(
+        raise FttError(
             f"{path} is not a suite: it needs `group: {name}` and a `metadata.ftt` block"
         )
     ftt = raw["metadata"]["ftt"]

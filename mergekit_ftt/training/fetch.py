@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mergekit_ftt.cli import FttError, entry_point
+
 REPO_ID = "allenai/OLMo-2-1124-7B"
 
 # The paper's names for the checkpoints it uses (Table 3 and the OLMo 2 instruct transfer).
@@ -36,15 +38,11 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 COMPLETE_MARKER = "ftt_fetch.json"
 
 
-class FetchError(RuntimeError):
-    """A checkpoint could not be fetched; the message says why and what to do."""
-
-
 def checkpoint_name(name: str) -> str:
     """Canonical table key: accepts M4′ (prime), M4' and m4p for M4′."""
     canonical = name.strip().upper().replace("′", "'").replace("P", "'")
     if canonical not in CHECKPOINTS:
-        raise FetchError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}.")
+        raise FttError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}.")
     return canonical
 
 
@@ -74,14 +72,14 @@ def download(revision: str, repo_id: str = REPO_ID) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except LocalEntryNotFoundError as error:
-        raise FetchError(
+        raise FttError(
             f"cannot download {repo_id}@{revision}: the Hugging Face Hub is unreachable "
             "(or HF_HUB_OFFLINE=1 is set) and the revision is not in the local cache. "
             "Connect to the internet (and unset HF_HUB_OFFLINE), then run the same command "
             "again; finished checkpoints are skipped and partial downloads resume."
         ) from error
     except HfHubHTTPError as error:
-        raise FetchError(f"the Hub refused {repo_id}@{revision}: {error}") from error
+        raise FttError(f"the Hub refused {repo_id}@{revision}: {error}") from error
 
 
 def save_bf16_with_pad_eos(snapshot: Path, folder: Path, provenance: dict) -> Path:
@@ -130,24 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@entry_point("ftt-fetch-checkpoints")
+def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
         print(format_table(args.dest))
-        return 0
+        return
     names = list(CHECKPOINTS) if args.all else args.names
     if not names:
         parser.error("name at least one checkpoint (or --all); --list shows the table")
-    try:
-        names = [checkpoint_name(name) for name in names]  # all names checked before any download
-        for index, name in enumerate(names, start=1):
-            print(f"[{index}/{len(names)}] ", end="", flush=True)
-            fetch(name, args.dest)
-    except FetchError as error:
-        print(f"ftt-fetch-checkpoints: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    names = [checkpoint_name(name) for name in names]  # all names checked before any download
+    for index, name in enumerate(names, start=1):
+        print(f"[{index}/{len(names)}] ", end="", flush=True)
+        fetch(name, args.dest)
 
 
 if __name__ == "__main__":

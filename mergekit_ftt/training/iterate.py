@@ -1,10 +1,10 @@
 """Iterative transfer-then-finetune: transfer → fine-tune → transfer the new delta → …
 
-    ftt-iterate --train-config mergekit_ftt/training/configs/olmo2_m5_math.yaml \\
+    ftt-iterate --train-config olmo2_m5_math \\
         --source-base checkpoints/M4 --source-finetuned out/olmo2_m4_math \\
         --targets checkpoints/M4prime checkpoints/M5 --work-dir out/iterate
 
-Round i writes ``round{i}/transfer.yml`` from a recipe template (``configs/transfer_round.yml``
+Round i writes ``round{i}/transfer.yml`` from a recipe template (``recipes/transfer_round.yml``
 by default: method ``finetuning_transfer``), runs the real ``mergekit-yaml`` on it into
 ``round{i}/transferred`` = target_i + (finetuned_{i-1} − base_{i-1}), then fine-tunes that
 with the training config into ``round{i}/finetuned``. The next round transfers
@@ -22,17 +22,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import yaml
 
-from mergekit_ftt.training.data import DatasetSpecError
-from mergekit_ftt.training.sft import ConfigError, is_finished_model
+from mergekit_ftt.cli import FttError, Stages, entry_point
+from mergekit_ftt.package_data import find_data_file
+from mergekit_ftt.sources import is_finished_model
 
-DEFAULT_TEMPLATE = Path(__file__).parent / "configs" / "transfer_round.yml"
-
-
-class IterateError(RuntimeError):
-    """A round cannot run; the message names the stage and the fix."""
+TEMPLATE = "transfer_round"  # recipes/transfer_round.yml
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def fill_template(template: dict, round_: Round) -> dict:
         role = (entry.get("parameters") or {}).get("role")
         expected = values.get(role.upper()) if isinstance(role, str) else None
         if entry.get("model") != expected:
-            raise IterateError(
+            raise FttError(
                 f"recipe template: model {entry.get('model')!r} has role {role!r}; use "
                 "model SOURCE_FINETUNED with role source_finetuned and model SOURCE_BASE "
                 "with role source_base."
@@ -99,7 +97,7 @@ def fill_template(template: dict, round_: Round) -> dict:
         (entry.get("parameters") or {}).get("role") for entry in recipe.get("models", [])
     )
     if recipe.get("base_model") != values["TARGET"] or roles != ["source_base", "source_finetuned"]:
-        raise IterateError(
+        raise FttError(
             "recipe template needs base_model: TARGET and exactly one source_finetuned and "
             "one source_base model."
         )
@@ -114,20 +112,25 @@ def _substitute(node, values: dict[str, str]):
     return values.get(node, node) if isinstance(node, str) else node
 
 
-def run_transfer(round_: Round, template: dict, mergekit_args: Sequence[str]) -> None:
+def run_transfer(
+    round_: Round, template: dict, mergekit_args: Sequence[str], output: IO[str] | None = None
+) -> list[str]:
+    """Write the round's recipe and run ``mergekit-yaml`` on it (its output to ``output``,
+    default the terminal); return the command."""
     mergekit_yaml = shutil.which("mergekit-yaml")
     if mergekit_yaml is None:
-        raise IterateError("mergekit-yaml not found: `pip install mergekit-ftt` installs it.")
+        raise FttError("mergekit-yaml not found: `pip install mergekit-ftt` installs it.")
     round_.folder.mkdir(parents=True, exist_ok=True)
     round_.recipe.write_text(yaml.safe_dump(fill_template(template, round_), sort_keys=False))
     command = [mergekit_yaml, str(round_.recipe), str(round_.transferred), *mergekit_args]
-    print(f"round {round_.index}: {shlex.join(command)}", flush=True)
-    if subprocess.run(command).returncode != 0:
-        raise IterateError(f"round {round_.index}: mergekit-yaml failed on {round_.recipe}.")
+    if subprocess.run(command, stdout=output, stderr=output).returncode != 0:
+        where = f"; its output is in {output.name}" if output is not None else ""
+        raise FttError(f"round {round_.index}: mergekit-yaml failed on {round_.recipe}{where}.")
+    return command
 
 
 def run_finetune(
-    round_: Round, train_config: Path, train_args: Sequence[str], launcher: str | None
+    round_: Round, train_config: str | Path, train_args: Sequence[str], launcher: str | None
 ) -> None:
     argv = [
         "--config", str(train_config),
@@ -136,45 +139,52 @@ def run_finetune(
         "--resume", "true",
         *train_args,
     ]  # fmt: skip
-    print(
-        f"round {round_.index}: fine-tuning {round_.transferred} -> {round_.finetuned}", flush=True
-    )
     if launcher is None:
         from mergekit_ftt.training import sft
 
-        sft.main(argv)
+        sft.train(*sft.parse_args(argv))
         return
     command = [*shlex.split(launcher), "-m", "mergekit_ftt.training.sft", *argv]
     if subprocess.run(command).returncode != 0:
-        raise IterateError(f"round {round_.index}: fine-tuning failed ({shlex.join(command)}).")
+        raise FttError(f"round {round_.index}: fine-tuning failed ({shlex.join(command)}).")
 
 
 def iterate(
-    train_config: Path,
+    train_config: str | Path,
     source_base: Path,
     source_finetuned: Path,
     targets: Sequence[Path],
     work_dir: Path,
-    template_path: Path = DEFAULT_TEMPLATE,
+    template: str | Path = TEMPLATE,
     train_args: Sequence[str] = (),
     mergekit_args: Sequence[str] = (),
     launcher: str | None = None,
 ) -> list[Round]:
-    """Run every round, skipping finished stages; return the rounds."""
-    template = yaml.safe_load(template_path.read_text())
+    """Run every round, skipping finished stages; return the rounds. ``template`` is a
+    recipe template's path, or the name of one in ``recipes/``."""
+    say = Stages("ftt-iterate")
+    recipe_template = load_template(template)
     rounds = plan_rounds(source_base, source_finetuned, targets, work_dir)
     for round_ in rounds:
-        fill_template(template, round_)  # a bad template fails before any work
+        fill_template(recipe_template, round_)  # a bad template fails before any work
     for round_ in rounds:
         if is_finished_model(round_.transferred):
-            print(f"round {round_.index}: {round_.transferred} exists, skipping the transfer")
+            say(f"round {round_.index}: {round_.transferred} exists, skipping the transfer")
         else:
-            run_transfer(round_, template, mergekit_args)
+            say(f"round {round_.index}: mergekit-yaml {round_.recipe} {round_.transferred}")
+            run_transfer(round_, recipe_template, mergekit_args)
         if is_finished_model(round_.finetuned):
-            print(f"round {round_.index}: {round_.finetuned} exists, skipping fine-tuning")
+            say(f"round {round_.index}: {round_.finetuned} exists, skipping fine-tuning")
         else:
+            say(f"round {round_.index}: fine-tuning {round_.transferred} -> {round_.finetuned}")
             run_finetune(round_, train_config, train_args, launcher)
+    say(f"done: {rounds[-1].finetuned}")
     return rounds
+
+
+def load_template(template: str | Path = TEMPLATE) -> dict:
+    """A transfer-round recipe template: a path, or a name in ``recipes/``."""
+    return yaml.safe_load(find_data_file("recipes", template).read_text(encoding="utf-8"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ftt-iterate",
         description="Chain transfer (mergekit-yaml, finetuning_transfer) and fine-tuning (ftt-train).",
     )
-    parser.add_argument("--train-config", type=Path, required=True, help="ftt-train YAML config")
+    parser.add_argument(
+        "--train-config", required=True, help="ftt-train config: a shipped name or a YAML path"
+    )
     parser.add_argument("--source-base", type=Path, required=True, help="base of the first delta")
     parser.add_argument(
         "--source-finetuned", type=Path, required=True, help="fine-tuned model of the first delta"
@@ -195,12 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoints, one per round, in order",
     )
     parser.add_argument("--work-dir", type=Path, required=True, help="folder for all rounds")
-    parser.add_argument("--recipe-template", type=Path, default=DEFAULT_TEMPLATE)
+    parser.add_argument(
+        "--recipe-template",
+        default=TEMPLATE,
+        help="recipe with TARGET, SOURCE_FINETUNED, SOURCE_BASE placeholders: a path or a "
+        "name in recipes/ (default: %(default)s)",
+    )
     parser.add_argument(
         "--launcher",
         default=None,
         help="run fine-tuning through this command, e.g. 'accelerate launch --config_file "
-        "mergekit_ftt/training/configs/accelerate/zero3.yaml' (default: in this process)",
+        "training/accelerate/zero3.yaml' (default: in this process)",
     )
     parser.add_argument(
         "--mergekit-args", default="", help="extra mergekit-yaml options, e.g. '--cuda'"
@@ -211,26 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@entry_point("ftt-iterate")
+def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    try:
-        rounds = iterate(
-            args.train_config,
-            args.source_base,
-            args.source_finetuned,
-            args.targets,
-            args.work_dir,
-            args.recipe_template,
-            train_args,
-            shlex.split(args.mergekit_args),
-            args.launcher,
-        )
-    except (IterateError, ConfigError, DatasetSpecError) as error:
-        print(f"ftt-iterate: error: {error}", file=sys.stderr)
-        return 2
-    print(f"done: {rounds[-1].finetuned}")
-    return 0
+    iterate(
+        args.train_config,
+        args.source_base,
+        args.source_finetuned,
+        args.targets,
+        args.work_dir,
+        args.recipe_template,
+        train_args,
+        shlex.split(args.mergekit_args),
+        args.launcher,
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Inputs for a CPU smoke run of ``ftt-train``: a tiny OLMo 2 and Tülu-format data.
 
     python -m mergekit_ftt.training.smoke out/smoke
-    ftt-train --config mergekit_ftt/training/configs/cpu_smoke.yaml
+    ftt-train --config cpu_smoke
+    mergekit-yaml recipes/cpu_smoke_transfer.yml out/smoke/transfer
 
 writes ``out/smoke/train.jsonl`` (columns id, prompt, messages, like the Tülu 3 SFT
 datasets), ``out/smoke/base`` (a random tiny OLMo 2 with its tokenizer, the model to
 fine-tune) and ``out/smoke/target`` (the same weights plus a small seeded perturbation,
 standing in for a later pre-training checkpoint), so that the fine-tuned model goes
-straight into ``configs/cpu_smoke_transfer.yml``.
+straight into ``recipes/cpu_smoke_transfer.yml``.
 """
 
 from __future__ import annotations
