@@ -1,0 +1,419 @@
+"""``ftt-sweep``: evaluate a ``finetuning_transfer`` recipe at several α, and α per module kind.
+
+    ftt-sweep recipe.yml --alphas 0,0.25,0.5,0.75,1,1.25,1.5 --suite llama3-instruct --out sweep
+    ftt-sweep ftt-demo-out/transfer/transfer.yml --alphas 0,0.5,1,1.5 \\
+        --tasks ftt_demo_sums --include-path ftt-demo-out/data/eval_tasks \\
+        --modules attention,mlp,embeddings --out sweep
+
+Every variant is a mergekit recipe (``OUT/recipes/<kind>@<α>.yml``); the inputs are read
+once per sweep; with the hf backend and enough memory each variant is built in memory
+and evaluated without being written, otherwise it is written by mergekit, evaluated and
+deleted. Results go to ``OUT/eval/<variant>/`` (lm-eval's files, as ``ftt-eval run``
+writes them), so a rerun resumes; the report (table, CSV, PNG, JSON) and the best
+variant's recipe go to ``OUT/report/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergekit_ftt.cli import FttError, Stages, entry_point, library_logs
+from mergekit_ftt.eval.backends import BACKENDS
+from mergekit_ftt.eval.suites import shipped_suites
+from mergekit_ftt.sweep.grid import (
+    ALL,
+    MODULE_KINDS,
+    SCALED_ROLES,
+    Variant,
+    format_alpha,
+    load_recipe,
+    parse_alphas,
+    parse_kinds,
+    scaled_inputs,
+)
+
+PROG = "ftt-sweep"
+RUN_FILE = "sweep.json"
+
+
+def _limit(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value >= 1 else value  # lm-eval: below 1 is a fraction
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]).replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "recipe",
+        type=Path,
+        metavar="RECIPE.yml",
+        help="a finetuning_transfer recipe (mergekit YAML with a models: list)",
+    )
+    parser.add_argument(
+        "--alphas",
+        required=True,
+        help=f"comma-separated α values, e.g. 0,0.25,0.5,0.75,1,1.25,1.5: each variant "
+        f"multiplies the weight of every {'/'.join(SCALED_ROLES)} input by α",
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--suite",
+        help=f"an evaluation suite: shipped ({', '.join(shipped_suites())}) or one in "
+        "--include-path",
+    )
+    what.add_argument("--tasks", help="comma-separated lm-eval task or group names")
+    parser.add_argument(
+        "--include-path",
+        "--include_path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of lm-eval task YAMLs (suites too); repeat for several",
+    )
+    parser.add_argument(
+        "--modules",
+        metavar="KINDS",
+        help=f"also sweep α on one module kind at a time, the other tensors at α = 1: "
+        f"comma-separated from {', '.join(MODULE_KINDS)}",
+    )
+    parser.add_argument(
+        "--limit", type=_limit, help="examples per task (a number below 1 is a fraction)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (a rerun resumes it)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run every variant: rebuild and re-evaluate, replacing earlier results in --out",
+    )
+    parser.add_argument(
+        "--build",
+        choices=("auto", "memory", "disk"),
+        default="auto",
+        help="memory: build each variant in memory (hf backend); disk: write each variant "
+        "with mergekit, evaluate, delete it; auto (default): memory when the hf backend is "
+        "used and the inputs and the model fit in 80%% of the available RAM",
+    )
+    evaluation = parser.add_argument_group("evaluation (as ftt-eval run)")
+    evaluation.add_argument(
+        "--backend", choices=BACKENDS, help="default: vllm on a CUDA machine with vLLM, else hf"
+    )
+    evaluation.add_argument(
+        "--chat-template",
+        type=_bool,
+        metavar="true|false",
+        help="apply the chat template (default: the suite's setting; false for --tasks)",
+    )
+    evaluation.add_argument(
+        "--fewshot-as-multiturn",
+        type=_bool,
+        metavar="true|false",
+        help="few-shot examples as chat turns (default: the suite's setting)",
+    )
+    evaluation.add_argument(
+        "--device", help="hf backend: cpu, cuda, cuda:N (default: cuda if present)"
+    )
+    evaluation.add_argument(
+        "--dtype", help="evaluation dtype (default: float32 on CPU, else the recipe's)"
+    )
+    evaluation.add_argument(
+        "--batch-size", help="a number or auto (default: 1 for hf, auto for vllm)"
+    )
+    evaluation.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica"
+    )
+    evaluation.add_argument(
+        "--data-parallel-size", type=int, default=1, help="vllm: model replicas (run by Ray)"
+    )
+    evaluation.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="vllm: share of GPU memory to use (default: 0.9)",
+    )
+    evaluation.add_argument(
+        "--max-model-len", type=int, help="longest sequence (vllm max_model_len, hf max_length)"
+    )
+    evaluation.add_argument(
+        "--add-bos-token", type=_bool, metavar="true|false", help="prepend BOS to every prompt"
+    )
+    evaluation.add_argument(
+        "--seed", type=int, default=1234, help="sampling and few-shot seed (default: 1234)"
+    )
+    evaluation.add_argument(
+        "--trust-remote-code", action="store_true", help="run model code from the Hub"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="library logs on the terminal instead of OUT/sweep.log",
+    )
+    return parser
+
+
+def _backend_options(args: argparse.Namespace):
+    from mergekit_ftt.eval.backends import BackendOptions
+
+    batch = args.batch_size
+    return BackendOptions(
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=int(batch) if batch and batch.isdigit() else batch,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        add_bos_token=args.add_bos_token,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _check_out(out: Path) -> None:
+    """A new folder, an empty one, or an earlier sweep's (resumed); never anything else."""
+    if out.exists() and not out.is_dir():
+        raise FttError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).exists():
+        raise FttError(f"{out} is not empty and holds no sweep; choose another --out")
+
+
+class Sweep:
+    """One ``ftt-sweep`` run: its settings, variants, and where it writes."""
+
+    def __init__(self, args: argparse.Namespace, stages: Stages) -> None:
+        self.args = args
+        self.stages = stages
+        self.out: Path = args.out
+        self.recipes = self.out / "recipes"
+        self.eval_dir = self.out / "eval"
+        self.timings: dict[str, dict[str, float]] = {}
+
+    # --- checks before any merge ---------------------------------------------------
+
+    def resolve_evaluation(self):
+        """The suite, backend and options; unknown tasks or suites fail here, first."""
+        from mergekit_ftt.eval import backends
+        from mergekit_ftt.eval.runner import resolve_suite, task_manager
+
+        args = self.args
+        self.options = _backend_options(args)
+        self.backend = args.backend or backends.default_backend()
+        include = [Path(p) for p in args.include_path]
+        try:
+            backends.require_backend(self.backend, self.options)
+            self.suite = resolve_suite(
+                args.suite or args.tasks.split(","),
+                include,
+                args.chat_template,
+                args.fewshot_as_multiturn,
+            )
+            task_manager(include, [column.task for column in self.suite.columns])
+        except (ValueError, backends.BackendUnavailable) as error:
+            raise FttError(str(error)) from error
+
+    def make_variants(self, alphas: list[float], kinds: list[str]) -> list[Variant]:
+        """The grid, each variant's planned weights checked against the intended ones."""
+        from mergekit_ftt.sweep import build, grid
+
+        recipe = load_recipe(self.args.recipe)
+        self.merge_options = build.merge_options(self.args.trust_remote_code)
+        self.stages(f"planning the variants of {self.args.recipe} with mergekit")
+        base_plan = build.plan(recipe, self.merge_options)
+        names = [task.tensor_name for task in base_plan]
+        variants = grid.make_variants(recipe, alphas, kinds, names)
+        unscaled = build.planned_weights(base_plan)
+        scaled = [str(recipe.models[i].model) for i in scaled_inputs(recipe)]
+        for variant in variants:
+            build.check_planned_weights(variant, unscaled, scaled, self.merge_options)
+        self.recipe = recipe
+        return variants
+
+    def write_recipes(self, variants: list[Variant]) -> None:
+        """``OUT/recipes/<variant>.yml``; a different recipe under a name already used
+        means ``--out`` holds another sweep, which only ``--force`` replaces."""
+        self.recipes.mkdir(parents=True, exist_ok=True)
+        for variant in variants:
+            path = self.recipes / f"{variant.label}.yml"
+            text = variant.to_yaml(self.args.recipe)
+            if path.exists() and path.read_text(encoding="utf-8") != text:
+                if not self.args.force:
+                    raise FttError(
+                        f"{path} holds another recipe than this sweep's {variant.label}: "
+                        f"{self.out} is a sweep of another recipe. Choose another --out, or "
+                        "pass --force to re-run every variant there"
+                    )
+                shutil.rmtree(self.eval_dir / variant.label, ignore_errors=True)
+            path.write_text(text, encoding="utf-8")
+
+    # --- building and evaluating ---------------------------------------------------
+
+    def run(self, variants: list[Variant]) -> None:
+        from mergekit_ftt.eval import backends
+        from mergekit_ftt.sweep import build
+
+        hf_args = backends.model_args("hf", "", self.options)
+        dtype = hf_args["dtype"]
+        memory = build.memory_plan(
+            self.recipe,
+            self.merge_options,
+            self.args.build,
+            self.backend,
+            hf_args["device"],
+            {"float64": 8, "float32": 4}.get(dtype, 2),
+        )
+        self.memory = memory
+        self.stages(memory.describe())
+        scratch = self.out / "variants"
+        shutil.rmtree(scratch, ignore_errors=True)  # a variant left by an interrupted run
+        reading = (
+            build.read_once(self.recipe.referenced_models(), self.merge_options)
+            if memory.cache_inputs
+            else contextlib.nullcontext({})
+        )
+        model = None
+        with reading as loaders:
+            for index, variant in enumerate(variants, 1):
+                merge_seconds: list[float] = []
+
+                def load(variant=variant, merge_seconds=merge_seconds) -> dict:
+                    nonlocal model
+                    started = time.monotonic()
+                    if memory.in_memory:
+                        if model is None:
+                            files = self.out / "model_files"
+                            build.write_model_files(self.recipe, files, self.merge_options)
+                            model = build.InMemoryModel(
+                                files, hf_args["device"], dtype, self.options.trust_remote_code
+                            )
+                        model.load(build.merged_tensors(variant.recipe, self.merge_options))
+                        loaded = {"pretrained": model.model, "tokenizer": model.tokenizer}
+                    else:
+                        folder = scratch / variant.label
+                        text = (self.recipes / f"{variant.label}.yml").read_text(encoding="utf-8")
+                        build.write_variant(variant, folder, self.merge_options, text)
+                        loaded = {"pretrained": str(folder)}
+                    merge_seconds.append(time.monotonic() - started)
+                    return loaded
+
+                started = time.monotonic()
+                self._evaluate(variant, load)
+                shutil.rmtree(scratch, ignore_errors=True)
+                self._report_variant(index, len(variants), variant, merge_seconds, started)
+            self.input_reads = {str(m): loader.reads for m, loader in loaders.items()}
+
+    def _evaluate(self, variant: Variant, load) -> None:
+        from mergekit_ftt.eval.runner import ModelSpec, evaluate_models
+
+        args = self.args
+        spec = ModelSpec(variant.label, str(self.recipes / f"{variant.label}.yml"), load=load)
+        try:
+            evaluate_models(
+                [spec],
+                self.suite,
+                self.eval_dir,
+                backend=self.backend,
+                options=self.options,
+                include_path=args.include_path,
+                limit=args.limit,
+                force=args.force,
+                log_samples=True,
+            )
+        except ValueError as error:
+            raise FttError(str(error)) from error
+
+    def _report_variant(
+        self, index: int, count: int, variant: Variant, merge_seconds: list[float], started: float
+    ) -> None:
+        from mergekit_ftt.eval.report import build_table
+
+        table = build_table([self.eval_dir / variant.label])
+        (row,) = table.rows
+        scores = ", ".join(f"{c} {table.score(row, c):.1f}" for c in table.columns)
+        if not merge_seconds:
+            self.stages(f"{index}/{count} {variant.label}: evaluated earlier: {scores}")
+            return
+        total = time.monotonic() - started
+        how = "built in memory" if self.memory.in_memory else "written by mergekit"
+        self.timings[variant.label] = {"merge_s": merge_seconds[0], "total_s": total}
+        self.stages(
+            f"{index}/{count} {variant.label}: {how} in {merge_seconds[0]:.1f} s, "
+            f"evaluated in {total - merge_seconds[0]:.1f} s: {scores}"
+        )
+
+    def record(self, variants: list[Variant], alphas: list[float], kinds: list[str]) -> None:
+        """``OUT/sweep.json``: the settings and, for this run, timings and tensor reads."""
+        args = self.args
+        record = {
+            "recipe": str(args.recipe),
+            "alphas": alphas,
+            "modules": kinds,
+            "suite": args.suite,
+            "tasks": args.tasks,
+            "limit": args.limit,
+            "backend": self.backend,
+            "build": self.memory.describe() if hasattr(self, "memory") else None,
+            "variants": {v.label: {"kind": v.kind, "alpha": v.alpha} for v in variants},
+            "timings_s": self.timings,
+            "tensors_read_from_disk": getattr(self, "input_reads", {}),
+        }
+        (self.out / RUN_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    alphas = parse_alphas(args.alphas)
+    kinds = parse_kinds(args.modules) if args.modules is not None else []
+    _check_out(args.out)
+    stages = Stages(PROG)
+    sweep = Sweep(args, stages)
+    load_recipe(args.recipe)  # a wrong recipe fails before lm-eval is even imported
+    args.out.mkdir(parents=True, exist_ok=True)
+    with library_logs(args.out / "sweep.log", args.verbose):
+        stages(f"checking the evaluation: {args.suite or args.tasks}")
+        sweep.resolve_evaluation()
+        variants = sweep.make_variants(alphas, kinds)
+        sweep.write_recipes(variants)
+        stages(
+            f"{len(variants)} variants: α ∈ {{{', '.join(map(format_alpha, alphas))}}} on all "
+            f"tensors{''.join(f', on {k} tensors' for k in kinds)}"
+        )
+        try:
+            sweep.run(variants)
+        finally:
+            sweep.record(variants, alphas, kinds)
+        from mergekit_ftt.sweep.report import collect, to_markdown, write_report
+
+        results = collect(sweep.eval_dir, variants)
+        paths = write_report(
+            results, args.out / "report", sweep.recipes, title=f"{PROG}: {args.recipe.name}"
+        )
+    print()
+    print(to_markdown(results), end="")
+    best = results.best_point()
+    if best is not None:
+        kind = "all tensors" if best.kind == ALL else f"{best.kind} tensors"
+        print(f"\nbest: α = {format_alpha(best.alpha)} on {kind}, mean {best.mean:.1f}")
+    for kind, path in paths.items():
+        print(f"  {kind}: {path}")
+    stages("done")
+
+
+main = entry_point(PROG)(run)
