@@ -74,7 +74,10 @@ def test_module_kinds_are_whole_path_components():
     names = [*LLAMA_NAMES, "model.extra_mlp.weight", "model.x.mlp.weight"]
     assert grid.module_filters(names, "mlp") == (".mlp.",)
     clash = [*LLAMA_NAMES, "model.mlm_head.weight"]  # "lm_head." inside another name
-    assert grid.module_filters(clash, "embeddings") == ("model.embed_tokens.weight", "lm_head.weight")
+    assert grid.module_filters(clash, "embeddings") == (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    )
     with pytest.raises(FttError, match="no tensor of this model is a mlp tensor"):
         grid.module_filters(["model.norm.weight"], "mlp")
 
@@ -183,7 +186,11 @@ def recipes(llama, tied_llama, tmp_path_factory) -> dict[str, Path]:
             tied[1],
         ),
         "extra_vocab": write_recipe(
-            folder / "vocab.yml", target, [(ft_extra, 1.0)], base, tokenizer={"source": str(ft_extra)}
+            folder / "vocab.yml",
+            target,
+            [(ft_extra, 1.0)],
+            base,
+            tokenizer={"source": str(ft_extra)},
         ),
     }
 
@@ -294,9 +301,16 @@ def test_in_memory_model_is_what_from_pretrained_loads(case, recipes, tmp_path):
     mergekit_output(variant, written)
     files = tmp_path / "files"
     build.write_model_files(recipe, files, options)
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         if (written / name).exists() or (files / name).exists():
-            assert json.loads((files / name).read_text()) == json.loads((written / name).read_text())
+            assert json.loads((files / name).read_text()) == json.loads(
+                (written / name).read_text()
+            )
     model = build.InMemoryModel(files, "cpu", "float32", trust_remote_code=False)
     model.load(build.merged_tensors(variant.recipe, options))
     loaded = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32)

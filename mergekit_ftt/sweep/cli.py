@@ -40,6 +40,7 @@ from mergekit_ftt.sweep.grid import (
 
 PROG = "ftt-sweep"
 RUN_FILE = "sweep.json"
+LOG_FILE = "sweep.log"
 
 
 def _limit(text: str) -> float | int:
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help="library logs on the terminal instead of OUT/sweep.log",
+        help=f"library logs on the terminal instead of OUT/{LOG_FILE}",
     )
     return parser
 
@@ -188,10 +189,12 @@ def _backend_options(args: argparse.Namespace):
 
 
 def _check_out(out: Path) -> None:
-    """A new folder, an empty one, or an earlier sweep's (resumed); never anything else."""
+    """A new folder, an empty one, or an earlier sweep's (resumed); never anything else.
+    (A folder holding only the log of a sweep that stopped at a check counts as empty.)"""
     if out.exists() and not out.is_dir():
         raise FttError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).exists():
+    stray = {p.name for p in out.iterdir()} - {LOG_FILE} if out.is_dir() else set()
+    if stray and not (out / RUN_FILE).exists():
         raise FttError(f"{out} is not empty and holds no sweep; choose another --out")
 
 
@@ -386,11 +389,12 @@ def run(argv: Sequence[str] | None = None) -> None:
     sweep = Sweep(args, stages)
     load_recipe(args.recipe)  # a wrong recipe fails before lm-eval is even imported
     args.out.mkdir(parents=True, exist_ok=True)
-    with library_logs(args.out / "sweep.log", args.verbose):
+    with library_logs(args.out / LOG_FILE, args.verbose):
         stages(f"checking the evaluation: {args.suite or args.tasks}")
         sweep.resolve_evaluation()
         variants = sweep.make_variants(alphas, kinds)
         sweep.write_recipes(variants)
+        sweep.record(variants, alphas, kinds)  # from here on, --out holds a sweep
         stages(
             f"{len(variants)} variants: α ∈ {{{', '.join(map(format_alpha, alphas))}}} on all "
             f"tensors{''.join(f', on {k} tensors' for k in kinds)}"
