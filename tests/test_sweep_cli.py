@@ -203,3 +203,17 @@ def test_sweep_resumes_reports_planted_scores_and_builds_alike_on_disk(recipe, t
         # The variant written by mergekit and the one built in memory: the same model.
         assert loglikelihoods(out / "eval" / label) == measured[label], label
     assert len({str(v) for v in measured.values()}) == 5  # and the variants differ
+
+
+def test_out_holding_another_recipes_sweep_is_refused(recipe, task_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "recipes").mkdir(parents=True)
+    (out / "sweep.json").write_text("{}")
+    (out / "recipes" / "all@0.5.yml").write_text("merge_method: finetuning_transfer\n")
+    assert main(sweep_args(recipe, out, task_dir)) == 2
+    error = capsys.readouterr().err
+    assert "all@0.5.yml holds another recipe than this sweep's all@0.5" in error
+    assert "pass --force" in error
+    assert [p.name for p in (out / "recipes").iterdir()] == ["all@0.5.yml"]  # nothing written
+    assert (out / "recipes" / "all@0.5.yml").read_text() == "merge_method: finetuning_transfer\n"
+    assert not (out / "eval").exists()

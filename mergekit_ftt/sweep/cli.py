@@ -252,18 +252,18 @@ class Sweep:
     def write_recipes(self, variants: list[Variant]) -> None:
         """``OUT/recipes/<variant>.yml``; a different recipe under a name already used
         means ``--out`` holds another sweep, which only ``--force`` replaces."""
+        texts = {self.recipes / f"{v.label}.yml": v.to_yaml(self.args.recipe) for v in variants}
+        changed = [p for p, text in texts.items() if p.exists() and p.read_text("utf-8") != text]
+        if changed and not self.args.force:
+            raise FttError(
+                f"{changed[0]} holds another recipe than this sweep's {changed[0].stem}: "
+                f"{self.out} is a sweep of another recipe. Choose another --out, or pass "
+                "--force to re-run every variant there"
+            )
         self.recipes.mkdir(parents=True, exist_ok=True)
-        for variant in variants:
-            path = self.recipes / f"{variant.label}.yml"
-            text = variant.to_yaml(self.args.recipe)
-            if path.exists() and path.read_text(encoding="utf-8") != text:
-                if not self.args.force:
-                    raise FttError(
-                        f"{path} holds another recipe than this sweep's {variant.label}: "
-                        f"{self.out} is a sweep of another recipe. Choose another --out, or "
-                        "pass --force to re-run every variant there"
-                    )
-                shutil.rmtree(self.eval_dir / variant.label, ignore_errors=True)
+        for path, text in texts.items():
+            if path in changed:  # --force: the old variant's results go with its recipe
+                shutil.rmtree(self.eval_dir / path.stem, ignore_errors=True)
             path.write_text(text, encoding="utf-8")
 
     # --- building and evaluating ---------------------------------------------------
