@@ -168,9 +168,20 @@ def write_recipe(path: Path, target, finetuned, source_base, **extra) -> Path:
 
 @pytest.fixture(scope="module")
 def recipes(llama, tied_llama, tmp_path_factory) -> dict[str, Path]:
-    """Three recipes that take different planning paths: two deltas with a gradient,
-    tied embeddings with filtered per-layer weights, extra vocabulary rows."""
+    """Recipes that take different planning paths: two deltas with a gradient, tied
+    embeddings with filtered per-layer weights, extra vocabulary rows, and a float32
+    fine-tune in a bfloat16 recipe (the preflight merges at float32, writes bfloat16)."""
+    from mergekit_ftt.tiny import save_random_model, tiny_config
+
     folder = tmp_path_factory.mktemp("recipes")
+    tokenizer = llama.tokenizer
+    ft_float32 = save_random_model(
+        tiny_config("llama", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id),
+        folder / "ft_float32",
+        seed=9,
+        tokenizer=tokenizer,
+        dtype="float32",
+    )
     target, base = llama.model("target", 1), llama.model("source_base", 2)
     ft_a, ft_b = llama.model("ft_a", 3), llama.model("ft_b", 4)
     ft_extra = llama.model("ft_extra_vocab", 5, extra_vocab=True)
@@ -192,6 +203,7 @@ def recipes(llama, tied_llama, tmp_path_factory) -> dict[str, Path]:
             base,
             tokenizer={"source": str(ft_extra)},
         ),
+        "float32_input": write_recipe(folder / "f32.yml", target, [(ft_float32, 1.0)], base),
     }
 
 
@@ -212,6 +224,7 @@ CASES = {
     "two_deltas": ([0.0, 0.5, 1.0, 1.25], ["attention", "mlp", "embeddings"]),
     "tied_filtered": ([0.25, 1.5], ["attention", "mlp"]),
     "extra_vocab": ([0.0, 1.5], ["embeddings"]),
+    "float32_input": ([0.5], ["mlp"]),
 }
 
 

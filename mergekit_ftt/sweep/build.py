@@ -21,6 +21,7 @@ What changes is where the inputs come from and where the outputs go:
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -46,15 +47,36 @@ def merge_options(trust_remote_code: bool = False) -> MergeOptions:
     return MergeOptions(quiet=True, trust_remote_code=trust_remote_code)
 
 
+def runnable(recipe: MergeConfiguration, options: MergeOptions) -> tuple[MergeConfiguration, str]:
+    """The configuration ``mergekit-yaml`` runs for ``recipe``, and the preflight's note.
+
+    This package's ``run_merge`` hook checks every merge with the preflight, which may also
+    change its precision (:mod:`mergekit_ftt.precision`: merge at a dtype that holds every
+    input, round once to the recipe's). The same call here keeps in-memory variants equal
+    to written ones. Its note (printed by the hook) is returned instead, to be shown once.
+    """
+    from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+    from mergekit_ftt.preflight import check_merge
+
+    note = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(note):
+            # os.devnull: no output folder to check, only the merge itself.
+            config = check_merge(recipe.model_copy(deep=True), os.devnull, options)
+    except FinetuningTransferError as error:
+        raise FttError(error.message) from error
+    return config, note.getvalue().strip()
+
+
 def plan(recipe: MergeConfiguration, options: MergeOptions) -> list[SaveTensor]:
-    """mergekit's plan of ``recipe``: one ``SaveTensor`` per output tensor, as mergekit-yaml
-    plans it (the writer task they name is never run here).
+    """mergekit's plan of ``recipe`` as ``mergekit-yaml`` runs it (see :func:`runnable`):
+    one ``SaveTensor`` per output tensor (the writer task they name is never run here).
 
     mergekit 0.1.5's ``plan_in_memory`` cannot be used: its ``ReturnTensor`` validates the
     merge task as a ``Task[Tensor]`` and fails on ``ExecuteMergeMethodTask``, a
     ``Task[Optional[Tensor]]`` ("Can't instantiate abstract class Task[Tensor]"). The
-    planner rewrites the configuration it is given (``models`` into ``modules``), so it
-    gets a copy.
+    planner rewrites the configuration it is given (``models`` into ``modules``); it gets
+    its own copy.
     """
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache, SaveTensor
@@ -65,10 +87,10 @@ def plan(recipe: MergeConfiguration, options: MergeOptions) -> list[SaveTensor]:
 
     hook.install()  # finetuning_transfer registered, run_merge checked, in any interpreter
     LoaderCache().setup(options=options)
-    recipe = recipe.model_copy(deep=True)
-    arch_info = get_architecture_info(recipe, options)
-    out_config = _model_out_config(recipe, arch_info, trust_remote_code=options.trust_remote_code)
-    planner = MergePlanner(recipe, arch_info, options, out_config)
+    config, _ = runnable(recipe, options)
+    arch_info = get_architecture_info(config, options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options, out_config)
     return [task for task in planner.plan_to_disk(out_path="") if isinstance(task, SaveTensor)]
 
 
@@ -201,15 +223,16 @@ def merged_tensors(
 
 def write_model_files(recipe: MergeConfiguration, folder: Path, options: MergeOptions) -> None:
     """What ``mergekit-yaml`` writes for ``recipe`` besides the weights and the model card:
-    the output config (layer count, vocabulary size), the tokenizer, tag-along files and
-    the generation config, through the same mergekit functions ``run_merge`` calls."""
+    the output config (layer count, vocabulary size, dtype), the tokenizer, tag-along
+    files and the generation config, through the same mergekit functions ``run_merge``
+    calls, on the configuration it runs (:func:`runnable`)."""
     from mergekit import merge
     from mergekit.architecture import get_architecture_info
     from mergekit.tokenizer import BuildTokenizer
 
     from mergekit_ftt.outputs import copy_generation_config
 
-    recipe = recipe.model_copy(deep=True)
+    recipe, _ = runnable(recipe, options)
     folder.mkdir(parents=True, exist_ok=True)
     arch_info = get_architecture_info(recipe, options)
     out_config = merge._model_out_config(

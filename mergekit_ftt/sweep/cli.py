@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from mergekit_ftt.cli import FttError, Stages, entry_point, library_logs
 from mergekit_ftt.eval.backends import BACKENDS
+from mergekit_ftt.eval.cli import _bool, _limit
+from mergekit_ftt.eval.cli import _options as backend_options
 from mergekit_ftt.eval.suites import shipped_suites
 from mergekit_ftt.sweep.grid import (
     ALL,
@@ -41,17 +44,6 @@ from mergekit_ftt.sweep.grid import (
 PROG = "ftt-sweep"
 RUN_FILE = "sweep.json"
 LOG_FILE = "sweep.log"
-
-
-def _limit(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value >= 1 else value  # lm-eval: below 1 is a fraction
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() == "true"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,24 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _backend_options(args: argparse.Namespace):
-    from mergekit_ftt.eval.backends import BackendOptions
-
-    batch = args.batch_size
-    return BackendOptions(
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=int(batch) if batch and batch.isdigit() else batch,
-        tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        add_bos_token=args.add_bos_token,
-        seed=args.seed,
-        trust_remote_code=args.trust_remote_code,
-    )
-
-
 def _check_out(out: Path) -> None:
     """A new folder, an empty one, or an earlier sweep's (resumed); never anything else.
     (A folder holding only the log of a sweep that stopped at a check counts as empty.)"""
@@ -207,7 +181,9 @@ class Sweep:
         self.out: Path = args.out
         self.recipes = self.out / "recipes"
         self.eval_dir = self.out / "eval"
+        self.scratch = self.out / "variants"  # a variant written for evaluation, then deleted
         self.timings: dict[str, dict[str, float]] = {}
+        self.model = None  # the in-memory model, made when the first variant is built
 
     # --- checks before any merge ---------------------------------------------------
 
@@ -217,7 +193,7 @@ class Sweep:
         from mergekit_ftt.eval.runner import resolve_suite, task_manager
 
         args = self.args
-        self.options = _backend_options(args)
+        self.options = backend_options(args)
         self.backend = args.backend or backends.default_backend()
         include = [Path(p) for p in args.include_path]
         try:
@@ -239,6 +215,9 @@ class Sweep:
         recipe = load_recipe(self.args.recipe)
         self.merge_options = build.merge_options(self.args.trust_remote_code)
         self.stages(f"planning the variants of {self.args.recipe} with mergekit")
+        _, note = build.runnable(recipe, self.merge_options)
+        if note:
+            self.stages(note)
         base_plan = build.plan(recipe, self.merge_options)
         names = [task.tensor_name for task in base_plan]
         variants = grid.make_variants(recipe, alphas, kinds, names)
@@ -272,61 +251,64 @@ class Sweep:
         from mergekit_ftt.eval import backends
         from mergekit_ftt.sweep import build
 
-        hf_args = backends.model_args("hf", "", self.options)
-        dtype = hf_args["dtype"]
-        memory = build.memory_plan(
+        self.hf_args = backends.model_args("hf", "", self.options)
+        self.memory = build.memory_plan(
             self.recipe,
             self.merge_options,
             self.args.build,
             self.backend,
-            hf_args["device"],
-            {"float64": 8, "float32": 4}.get(dtype, 2),
+            self.hf_args["device"],
+            {"float64": 8, "float32": 4}.get(self.hf_args["dtype"], 2),
         )
-        self.memory = memory
-        self.stages(memory.describe())
-        scratch = self.out / "variants"
-        shutil.rmtree(scratch, ignore_errors=True)  # a variant left by an interrupted run
+        self.stages(self.memory.describe())
+        shutil.rmtree(self.scratch, ignore_errors=True)  # a variant left by an interrupted run
         reading = (
             build.read_once(self.recipe.referenced_models(), self.merge_options)
-            if memory.cache_inputs
+            if self.memory.cache_inputs
             else contextlib.nullcontext({})
         )
-        model = None
         with reading as loaders:
             for index, variant in enumerate(variants, 1):
-                merge_seconds: list[float] = []
-
-                def load(variant=variant, merge_seconds=merge_seconds) -> dict:
-                    nonlocal model
-                    started = time.monotonic()
-                    if memory.in_memory:
-                        if model is None:
-                            files = self.out / "model_files"
-                            build.write_model_files(self.recipe, files, self.merge_options)
-                            model = build.InMemoryModel(
-                                files, hf_args["device"], dtype, self.options.trust_remote_code
-                            )
-                        model.load(build.merged_tensors(variant.recipe, self.merge_options))
-                        loaded = {"pretrained": model.model, "tokenizer": model.tokenizer}
-                    else:
-                        folder = scratch / variant.label
-                        text = (self.recipes / f"{variant.label}.yml").read_text(encoding="utf-8")
-                        build.write_variant(variant, folder, self.merge_options, text)
-                        loaded = {"pretrained": str(folder)}
-                    merge_seconds.append(time.monotonic() - started)
-                    return loaded
-
                 started = time.monotonic()
-                self._evaluate(variant, load)
-                shutil.rmtree(scratch, ignore_errors=True)
-                self._report_variant(index, len(variants), variant, merge_seconds, started)
+                self.build_seconds = None
+                self._evaluate(variant)
+                shutil.rmtree(self.scratch, ignore_errors=True)
+                self._report_variant(index, len(variants), variant, started)
             self.input_reads = {str(m): loader.reads for m, loader in loaders.items()}
 
-    def _evaluate(self, variant: Variant, load) -> None:
+    def _build(self, variant: Variant) -> dict:
+        """lm-eval model arguments for ``variant``, built when its evaluation needs it."""
+        started = time.monotonic()
+        loaded = self._build_in_memory(variant) if self.memory.in_memory else self._write(variant)
+        self.build_seconds = time.monotonic() - started
+        return loaded
+
+    def _build_in_memory(self, variant: Variant) -> dict:
+        from mergekit_ftt.sweep import build
+
+        if self.model is None:  # one model for the whole sweep, made when first needed
+            files = self.out / "model_files"
+            build.write_model_files(self.recipe, files, self.merge_options)
+            self.model = build.InMemoryModel(
+                files, self.hf_args["device"], self.hf_args["dtype"], self.options.trust_remote_code
+            )
+        self.model.load(build.merged_tensors(variant.recipe, self.merge_options))
+        return {"pretrained": self.model.model, "tokenizer": self.model.tokenizer}
+
+    def _write(self, variant: Variant) -> dict:
+        from mergekit_ftt.sweep import build
+
+        folder = self.scratch / variant.label
+        text = (self.recipes / f"{variant.label}.yml").read_text(encoding="utf-8")
+        build.write_variant(variant, folder, self.merge_options, text)
+        return {"pretrained": str(folder)}
+
+    def _evaluate(self, variant: Variant) -> None:
         from mergekit_ftt.eval.runner import ModelSpec, evaluate_models
 
         args = self.args
-        spec = ModelSpec(variant.label, str(self.recipes / f"{variant.label}.yml"), load=load)
+        recipe = str(self.recipes / f"{variant.label}.yml")
+        spec = ModelSpec(variant.label, recipe, load=functools.partial(self._build, variant))
         try:
             evaluate_models(
                 [spec],
@@ -342,23 +324,21 @@ class Sweep:
         except ValueError as error:
             raise FttError(str(error)) from error
 
-    def _report_variant(
-        self, index: int, count: int, variant: Variant, merge_seconds: list[float], started: float
-    ) -> None:
+    def _report_variant(self, index: int, count: int, variant: Variant, started: float) -> None:
         from mergekit_ftt.eval.report import build_table
 
         table = build_table([self.eval_dir / variant.label])
         (row,) = table.rows
         scores = ", ".join(f"{c} {table.score(row, c):.1f}" for c in table.columns)
-        if not merge_seconds:
+        if self.build_seconds is None:
             self.stages(f"{index}/{count} {variant.label}: evaluated earlier: {scores}")
             return
         total = time.monotonic() - started
         how = "built in memory" if self.memory.in_memory else "written by mergekit"
-        self.timings[variant.label] = {"merge_s": merge_seconds[0], "total_s": total}
+        self.timings[variant.label] = {"build_s": self.build_seconds, "total_s": total}
         self.stages(
-            f"{index}/{count} {variant.label}: {how} in {merge_seconds[0]:.1f} s, "
-            f"evaluated in {total - merge_seconds[0]:.1f} s: {scores}"
+            f"{index}/{count} {variant.label}: {how} in {self.build_seconds:.1f} s, "
+            f"evaluated in {total - self.build_seconds:.1f} s: {scores}"
         )
 
     def record(self, variants: list[Variant], alphas: list[float], kinds: list[str]) -> None:
