@@ -95,6 +95,7 @@ def sweep_args(recipe: Path, out: Path, task_dir: Path, *extra: str) -> list[str
         ({"--modules": "mlp,norms"}, "choose from attention, mlp, embeddings"),
         ({"recipe": "ties"}, "uses merge_method 'ties'; ftt-sweep scales the delta weights"),
         ({"--tasks": None, "--suite": "no-such-suite"}, "unknown suite 'no-such-suite'"),
+        ({"--backend": "vllm"}, "the vllm backend needs vLLM, which is not installed"),
         ({"--out": "file"}, "is a file; give a folder"),
         ({"--out": "other"}, "is not empty and holds no sweep"),
     ],
