@@ -2,7 +2,7 @@
 
     ftt-sweep recipe.yml --alphas 0,0.25,0.5,0.75,1,1.25,1.5 --suite llama3-instruct --out sweep
     ftt-sweep ftt-demo-out/transfer/transfer.yml --alphas 0,0.5,1,1.5 \\
-        --tasks ftt_demo_sums --include-path ftt-demo-out/data/eval_tasks \\
+        --suite ftt-demo --include-path ftt-demo-out/data/eval_tasks \\
         --modules attention,mlp,embeddings --out sweep
 
 Every variant is a mergekit recipe (``OUT/recipes/<kind>@<α>.yml``); the inputs are read
