@@ -6,28 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import load_weights, run_cli
+from helpers import load_weights, rounded, run_cli
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from safetensors.torch import save_file
 
 from mergekit_ftt.precision import plan_precision
-
-# (significant bits, frexp exponent of the smallest normal number) of each output format.
-FORMATS = {torch.bfloat16: (8, -125), torch.float16: (11, -13), torch.float32: (24, -125)}
-
-
-def rounded(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """float64 values rounded once to ``dtype`` (nearest, ties to even), in NumPy."""
-    bits, min_exponent = FORMATS[dtype]
-    _, exponent = np.frexp(values)
-    exponent = np.maximum(exponent, min_exponent)
-    exact = np.ldexp(np.rint(np.ldexp(values, bits - exponent)), exponent - bits)
-    return torch.from_numpy(exact).to(dtype)
 
 
 def recipe(target, finetuned, source_base, **extra) -> dict:

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,11 @@ class ModelSpec:
     label: str
     pretrained: str  # local folder or Hub id
     base: str | None = None
+    # lm-eval model arguments made when the model is first needed, replacing those derived
+    # from ``pretrained``: e.g. ``{"pretrained": <transformers model>, "tokenizer": ...}``
+    # for a model built in this process (hf backend; it is used on its own device and
+    # dtype). Not called when every task is already finished.
+    load: Callable[[], dict[str, Any]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.label or _UNSAFE_LABEL.search(self.label):
@@ -182,7 +187,14 @@ def _record_run(model_dir: Path, spec: ModelSpec, suite: Suite, force: bool) -> 
         columns = [c for c in record["columns"] if c["task"] not in known] + columns
     model_dir.mkdir(parents=True, exist_ok=True)
     record_path.write_text(
-        json.dumps({"model": asdict(spec), "columns": columns}, indent=2, ensure_ascii=False),
+        json.dumps(
+            {
+                "model": {"label": spec.label, "pretrained": spec.pretrained, "base": spec.base},
+                "columns": columns,
+            },
+            indent=2,
+            ensure_ascii=False,
+        ),
         encoding="utf-8",
     )
 
@@ -265,7 +277,8 @@ def evaluate_models(
     # Everything a run needs is checked before the first result is written.
     work_offline_if_hub_unreachable()
     for spec in models:
-        require_model(spec.pretrained)
+        if spec.load is None:  # a model built in this process needs no download
+            require_model(spec.pretrained)
     manager = task_manager(include_paths, [c.task for c in suite.columns])
     require_datasets(suite, manager)
 
@@ -291,7 +304,8 @@ def evaluate_models(
                 written[spec.label][column.task] = previous
                 continue
             if lm is None:  # load only when some task is left to run
-                lm = _load_lm(backend, args, backends.batch_size(backend, options))
+                loaded = {**args, **spec.load()} if spec.load else args
+                lm = _load_lm(backend, loaded, backends.batch_size(backend, options))
             written[spec.label][column.task] = _run_task(
                 lm, args, column, suite, model_dir, manager, limit, options.seed, log_samples
             )
