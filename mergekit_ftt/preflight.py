@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -30,6 +31,21 @@ def check_merge(config: MergeConfiguration, out_path: str, options: MergeOptions
     if config.merge_method != METHOD_NAME:
         return
     check_output_path(out_path)
+    check_inputs(config, options)
+
+
+class TransferInputs(NamedTuple):
+    """The models of a ``finetuning_transfer`` recipe, by role."""
+
+    target: ModelReference
+    source_base: ModelReference
+    source_finetuned: list[ModelReference]
+
+
+def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferInputs:
+    """The input checks of :func:`check_merge` (no output folder): raise
+    :class:`FinetuningTransferError` or return the models by role. ``ftt-inspect`` calls
+    this so that its errors are the merge's own."""
     target = config.base_model
     if target is None:
         raise FinetuningTransferError(
@@ -43,6 +59,7 @@ def check_merge(config: MergeConfiguration, out_path: str, options: MergeOptions
     _check_architectures(configs)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
     _check_tensors(configs, finetuned, options, allow_vocabulary)
+    return TransferInputs(target, source_base, finetuned)
 
 
 def check_output_path(out_path: str) -> None:
