@@ -12,10 +12,8 @@ For each seed:
    ``mergekit-multi`` (one process, mergekit's executor, the ``finetuning_transfer``
    method and its preflight) from one recipe file per pair.
 4. Every model is evaluated with ``mergekit_ftt.eval`` (lm-eval, hf backend, chat
-   template, exact match) on held-out chat questions. Unlike the demo's test (facts first
-   told in stage 2, which stage-1 checkpoints cannot know), half the questions ask about
-   early facts kept out of the SFT set and half about late facts, so that every Mi has
-   something to gain from fine-tuning, as every OLMo 2 checkpoint gains on GSM8K.
+   template, exact match) on chat questions, a third each about facts of the SFT set,
+   early facts kept out of it and late facts (:func:`write_data`).
 5. ``ftt-inspect`` (``inspect_recipe``) reads every pair's recipe before it is merged.
 
 Transfer efficiency of a pair is (score(Mi + Δj) − score(Mi)) / (score(FT(Mi)) − score(Mi)):
@@ -29,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -44,10 +43,11 @@ from mergekit_ftt.demo.config import CONFIGS_DIR, DemoConfig, load_config
 from mergekit_ftt.inspect import calibration
 from mergekit_ftt.training.sft import is_finished_model
 
-# (stage, share of the stage) of each checkpoint: M1–M3 spread over stage 1, M4 the middle
-# and M5 the end of stage 2 (OLMo 2: M4 = stage-2 step 6000 of 11931, M5 = the end).
+# (stage, share of the stage) of each checkpoint: M1–M3 over the second half of stage 1
+# (earlier, the tiny model recalls too few facts for fine-tuning to show), M4 the middle and
+# M5 the end of stage 2 (OLMo 2: M4 = stage-2 step 6000 of 11931, M5 = the end).
 CHECKPOINTS = {
-    "full": ((1, 1 / 3), (1, 2 / 3), (1, 1.0), (2, 0.5), (2, 1.0)),
+    "full": ((1, 0.5), (1, 0.75), (1, 1.0), (2, 0.5), (2, 1.0)),
     "quick": ((1, 1.0), (2, 0.5), (2, 1.0)),
 }
 DEFAULT_SEEDS = 3
@@ -109,19 +109,27 @@ class SeedLayout(pipeline.Layout):
 
 
 def write_data(layout: SeedLayout, config: DemoConfig, seed: int) -> corpus.World:
-    """The demo's data files, with the SFT and test sets replaced by the matrix's split:
-    SFT on part of the early facts; test on the other early facts and on late facts."""
+    """The demo's data files, with the SFT and test sets replaced by the matrix's split.
+
+    SFT asks about most early facts; the test asks, in equal parts, about facts of the SFT
+    set (what fine-tuning taught), early facts kept out of it and late facts (both known
+    only from pre-training). Every checkpoint then has something to gain from
+    fine-tuning, as every OLMo 2 checkpoint gains on GSM8K in the paper's Table 3.
+    """
     world = pipeline.write_data(layout, config, seed)
-    test_count = config.task.test_examples
-    held_out_early = world.early[: test_count // 2]
-    late = world.late[: test_count - len(held_out_early)]
-    sft_world = corpus.World(early=world.early[len(held_out_early) :], late=())
-    test_world = corpus.World(early=(), late=held_out_early + late)
+    part = config.task.test_examples // 3
+    held_out_early = world.early[:part]
+    taught = world.early[part:]
+    sft_world = corpus.World(early=taught, late=())
+    test_facts = taught[:part] + held_out_early + world.late[: config.task.test_examples - 2 * part]
     corpus.write_jsonl(
         corpus.sft_examples(sft_world, config.task.sft_examples, seed), layout.data / "sft.jsonl"
     )
     corpus.write_jsonl(
-        corpus.held_out_examples(test_world, test_count, seed), layout.data / "test.jsonl"
+        corpus.held_out_examples(
+            corpus.World(early=(), late=test_facts), config.task.test_examples, seed
+        ),
+        layout.data / "test.jsonl",
     )
     return world
 
@@ -314,6 +322,7 @@ def run(out: Path, quick: bool, seed: int, seeds: int, threads: int, overwrite: 
     settings = {"preset": preset, "config": config.to_dict(), "checkpoints": CHECKPOINTS[preset]}
     prepare(root, json.loads(json.dumps(settings)), overwrite)
     started, load_before = time.monotonic(), os.getloadavg()
+    cpu_before = _cpu_seconds()
     results = [
         run_seed(root, config, preset, s, threads, root / "matrix.log")
         for s in range(seed, seed + seeds)
@@ -322,6 +331,7 @@ def run(out: Path, quick: bool, seed: int, seeds: int, threads: int, overwrite: 
         "preset": preset,
         "seeds": results,
         "wall_seconds": round(time.monotonic() - started, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu_before, 1),
         "load_average": {"start": load_before, "end": os.getloadavg()},
     }
     paths = calibration.write(summary, root / "report")
@@ -330,3 +340,11 @@ def run(out: Path, quick: bool, seed: int, seeds: int, threads: int, overwrite: 
         print(f"  {kind}: {path}")
     STAGES("done")
     return summary
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (mergekit-multi)."""
+    own, children = (
+        resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime

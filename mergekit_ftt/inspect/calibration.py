@@ -15,7 +15,13 @@ import statistics as stats
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.inspect.verdict import STATISTIC
+from mergekit_ftt.inspect.verdict import (
+    LIKELY,
+    STATISTIC,
+    UNLIKELY,
+    predicted_efficiency,
+    thresholds,
+)
 
 # A target whose own fine-tuning gains less than this (accuracy points) gives no
 # meaningful efficiency: the denominator would be noise.
@@ -91,6 +97,32 @@ def correlate(rows: Sequence[dict]) -> dict[str, float | None]:
     return result
 
 
+def fit_curve(points: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """Least-squares fit of efficiency ≈ 1 / (1 + (S / s50)^k) to (S, efficiency) points:
+    a grid over log s50 (0.05 to 20) and k (0.5 to 10), then a finer grid around the best."""
+    values = [s for s, _ in points]
+    if not points or min(values) <= 0:
+        raise ValueError("fit_curve needs points with a positive statistic")
+
+    def loss(s50: float, k: float) -> float:
+        return sum((predicted_efficiency(s, s50, k) - e) ** 2 for s, e in points)
+
+    best = (math.inf, 1.0, 1.0)
+    log_s50, k_values = (
+        [math.log(0.05) + i * math.log(400) / 200 for i in range(201)],
+        [0.5 + 0.1 * j for j in range(96)],
+    )
+    for log_s in log_s50:
+        for k in k_values:
+            best = min(best, (loss(math.exp(log_s), k), math.exp(log_s), k))
+    _, s50, k = best
+    for s in (s50 * math.exp(0.002 * i) for i in range(-30, 31)):
+        for kk in (k + 0.005 * j for j in range(-20, 21)):
+            best = min(best, (loss(s, kk), s, kk))
+    residual, s50, k = best
+    return {"s50": s50, "k": k, "rms_error": math.sqrt(residual / len(points))}
+
+
 def seed_summary(
     seed: int, names: Sequence[str], scores: dict[str, float], pairs: Sequence[dict]
 ) -> dict:
@@ -143,6 +175,95 @@ def across_seeds(seeds: Sequence[dict]) -> list[dict]:
         )
     table.sort(key=lambda entry: -abs(entry["mean"] or 0))
     return table
+
+
+def _points(seeds: Sequence[dict]) -> list[tuple[float, float]]:
+    return [
+        (row["candidates"][f"model.{STATISTIC}"], row["efficiency"])
+        for seed in seeds
+        for row in seed["pairs"]
+        if row["efficiency"] is not None and row["candidates"].get(f"model.{STATISTIC}")
+    ]
+
+
+def calibrate(seeds: Sequence[dict]) -> dict:
+    """The verdict's curve fitted on every seed's pairs, its thresholds, the efficiencies
+    measured in each band, and the fit of every seed left out in turn."""
+    fit = fit_curve(_points(seeds))
+    limits = thresholds(fit["s50"], fit["k"])
+    bands: dict[str, list[float]] = {"likely": [], "partial": [], "unlikely": []}
+    for value, measured in _points(seeds):
+        if value <= limits["likely_below"]:
+            bands["likely"].append(measured)
+        elif value < limits["unlikely_above"]:
+            bands["partial"].append(measured)
+        else:
+            bands["unlikely"].append(measured)
+    held_out = []
+    for index, seed in enumerate(seeds):
+        others = [s for i, s in enumerate(seeds) if i != index]
+        if not others:
+            continue
+        partial_fit = fit_curve(_points(others))
+        test = _points([seed])
+        error = sum(
+            (predicted_efficiency(v, partial_fit["s50"], partial_fit["k"]) - e) ** 2
+            for v, e in test
+        )
+        held_out.append(
+            {
+                "seed": seed["seed"],
+                "fit_on_others": partial_fit,
+                "thresholds": thresholds(partial_fit["s50"], partial_fit["k"]),
+                "rms_error": math.sqrt(error / len(test)) if test else None,
+            }
+        )
+    return {
+        "statistic": STATISTIC,
+        "fit": fit,
+        "thresholds": limits,
+        "bands": {
+            band: {
+                "pairs": len(values),
+                "median_efficiency": stats.median(values) if values else None,
+                "min": min(values, default=None),
+                "max": max(values, default=None),
+            }
+            for band, values in bands.items()
+        },
+        "leave_one_seed_out": held_out,
+    }
+
+
+def calibration_text(calibration: dict) -> str:
+    fit, limits = calibration["fit"], calibration["thresholds"]
+    lines = [
+        f"Fit over all pairs: efficiency ≈ 1 / (1 + ({STATISTIC} / {fit['s50']:.3f})^{fit['k']:.2f}), "
+        f"RMS error {fit['rms_error']:.3f}; predicted efficiency {LIKELY} at "
+        f"{limits['likely_below']:.3f}, {UNLIKELY} at {limits['unlikely_above']:.3f}.",
+        "",
+        "| band | pairs | median efficiency | min–max |",
+        "|---|---:|---:|---:|",
+    ]
+    for band, entry in calibration["bands"].items():
+        lines.append(
+            f"| {band} | {entry['pairs']} | {_cell(entry['median_efficiency'], 2)} | "
+            f"{_cell(entry['min'], 2)} – {_cell(entry['max'], 2)} |"
+        )
+    if calibration["leave_one_seed_out"]:
+        lines += [
+            "",
+            "| seed left out | s50, k fitted on the others | thresholds | RMS error on it |",
+        ]
+        lines.append("|---|---|---|---:|")
+        for entry in calibration["leave_one_seed_out"]:
+            partial, held = entry["fit_on_others"], entry["thresholds"]
+            lines.append(
+                f"| {entry['seed']} | {partial['s50']:.3f}, {partial['k']:.2f} | "
+                f"{held['likely_below']:.3f} / {held['unlikely_above']:.3f} | "
+                f"{_cell(entry['rms_error'], 3)} |"
+            )
+    return "\n".join(lines)
 
 
 def _cell(value: float | None, digits: int = 1) -> str:
@@ -212,8 +333,13 @@ def markdown(summary: dict) -> str:
         "",
         correlation_table(table, [seed["seed"] for seed in seeds]),
         "",
-        f"Verdict statistic: {STATISTIC}. Wall time {summary['wall_seconds']:.0f} s; load "
-        f"average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end.",
+        "### Calibration of the verdict",
+        "",
+        calibration_text(calibrate(seeds)),
+        "",
+        f"Verdict statistic: {STATISTIC}. Wall time {summary['wall_seconds']:.0f} s, CPU time "
+        f"{summary['cpu_seconds']:.0f} s; load average {load['start'][0]:.1f} at the start, "
+        f"{load['end'][0]:.1f} at the end (2 cores shared with other jobs).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -227,11 +353,7 @@ def plot(summary: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for seed in summary["seeds"]:
-        points = [
-            (row["candidates"][f"model.{STATISTIC}"], row["efficiency"])
-            for row in seed["pairs"]
-            if row["efficiency"] is not None and row["candidates"].get(f"model.{STATISTIC}")
-        ]
+        points = _points([seed])
         ax.scatter([x for x, _ in points], [y for _, y in points], label=f"seed {seed['seed']}")
     ax.set_xscale("log")
     ax.set_xlabel(f"ftt-inspect {STATISTIC} (whole model)")
@@ -250,7 +372,11 @@ def write(summary: dict, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "matrix.md", "json": folder / "matrix.json"}
     paths["markdown"].write_text(markdown(summary), encoding="utf-8")
-    document = {**summary, "correlations": across_seeds(summary["seeds"])}
+    document = {
+        **summary,
+        "correlations": across_seeds(summary["seeds"]),
+        "calibration": calibrate(summary["seeds"]),
+    }
     paths["json"].write_text(json.dumps(document, indent=1, ensure_ascii=False), encoding="utf-8")
     paths["png"] = plot(summary, folder / "matrix.png")
     return paths

@@ -179,9 +179,10 @@ def tensor_sums(
         sums.gap_sq += torch.dot(gap, gap).item()
         sums.delta_sq += torch.dot(delta, delta).item()
         sums.delta_gap += torch.dot(delta, gap).item()
-        product = term.copy_(delta).mul_(gap)
-        sums.same_sign += int((product > 0).sum())
-        sums.opposite_sign += int((product < 0).sum())
+        signs = torch.mul(delta, gap, out=term).sign_()  # +1 where Δ and D agree, −1 where not
+        nonzero, balance = int(torch.count_nonzero(signs)), int(signs.sum().item())
+        sums.same_sign += (nonzero + balance) // 2
+        sums.opposite_sign += (nonzero - balance) // 2
         advance(count)
     return TensorStatistics(
         name=planned.name,
