@@ -47,7 +47,7 @@ def inspect_recipe(
     if vocabulary_rows and any(t.aligned_by_token for t in loaded.tensors):
         aligned = compatibility.aligned_rows(tokenizers, min(vocabulary_rows))
     statistics = aggregate(
-        stream_statistics(loaded.tensors, checkpoints, recipe.dtype, aligned, progress)
+        stream_statistics(loaded.tensors, checkpoints, loaded.config.dtype, aligned, progress)
     )
     chat = compatibility.chat(loaded, tokenizers, options)
     return {
@@ -64,11 +64,14 @@ def inspect_recipe(
         "compatibility": {
             "architecture": compatibility.architecture(loaded, options),
             "tensors": tensors,
-            "merge_dtype": recipe.dtype,
-            "out_dtype": recipe.out_dtype,
+            "merge_dtype": loaded.config.dtype,
+            "out_dtype": loaded.config.out_dtype,
             "vocabulary": compatibility.vocabulary(loaded, tokenizers),
             "chat": chat,
-            "notes": [*compatibility.dtype_notes(loaded, tensors), *chat["notes"]],
+            "notes": [
+                *([loaded.inputs.precision_note] if loaded.inputs.precision_note else []),
+                *chat["notes"],
+            ],
         },
         "statistics": statistics,
         "verdict": judge(statistics),

@@ -26,7 +26,8 @@ _EXAMPLES = 5
 
 def roles(recipe: Recipe) -> dict[str, ModelReference]:
     """Every input model under a role label: target, source_base, source_finetuned[, _2 …]."""
-    target, source_base, finetuned = recipe.inputs
+    inputs = recipe.inputs
+    target, source_base, finetuned = inputs.target, inputs.source_base, inputs.source_finetuned
     labelled = {"target": target, "source_base": source_base}
     for index, model in enumerate(finetuned):
         labelled["source_finetuned" + (f"_{index + 1}" if index else "")] = model
@@ -77,36 +78,6 @@ def tensors(recipe: Recipe, checkpoints: dict[ModelReference, Checkpoint]) -> di
 
 def _sources(planned):
     return (planned.target, planned.source_base, *(source for source, _ in planned.finetuned))
-
-
-# Bits of mantissa of each stored (safetensors) and merge dtype.
-_MANTISSA = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7}
-_MERGE_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-def dtype_notes(recipe: Recipe, tensor_report: dict) -> list[str]:
-    """Where the recipe's ``dtype`` rounds what the inputs hold before Δ is taken."""
-    merge_dtype = recipe.config.dtype
-    if merge_dtype is None:
-        return [
-            "no `dtype:` in the recipe: every input is merged in its stored dtype, and the "
-            "output is stored as the target is"
-        ]
-    merge_code = _MERGE_DTYPES.get(merge_dtype)
-    notes = []
-    for role, report in tensor_report["inputs"].items():
-        finer = sorted(
-            code
-            for code in report["stored_dtypes"]
-            if merge_code and _MANTISSA.get(code, 0) > _MANTISSA[merge_code]
-        )
-        if finer:
-            notes.append(
-                f"{role} is stored as {', '.join(finer)}: mergekit rounds it to {merge_dtype} "
-                "before the delta is taken, which erases delta elements smaller than the "
-                "rounding step; `dtype: float32` keeps them"
-            )
-    return notes
 
 
 def load_tokenizer(model: ModelReference, options: MergeOptions):

@@ -52,9 +52,14 @@ class PlannedTensor:
 @dataclass(frozen=True)
 class Recipe:
     path: str | None
-    config: MergeConfiguration
-    inputs: TransferInputs
+    inputs: TransferInputs  # the models by role and the configuration the merge would run
     tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def config(self) -> MergeConfiguration:
+        """The configuration ``mergekit-yaml`` would run: the recipe with the precision the
+        preflight chose (``dtype`` raised where an input would otherwise be rounded)."""
+        return self.inputs.config
 
 
 def read_config(path: str | Path) -> MergeConfiguration:
@@ -80,7 +85,7 @@ def load_recipe(config: MergeConfiguration, options: MergeOptions, path: str | N
         inputs = check_inputs(config, options)
     except FinetuningTransferError as error:
         raise FttError(error.message) from error
-    return Recipe(path, config, inputs, tuple(plan_tensors(config, options, inputs)))
+    return Recipe(path, inputs, tuple(plan_tensors(inputs.config, options, inputs)))
 
 
 def plan_tensors(
