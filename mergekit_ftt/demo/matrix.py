@@ -12,8 +12,8 @@ For each seed:
    ``mergekit-multi`` (one process, mergekit's executor, the ``finetuning_transfer``
    method and its preflight) from one recipe file per pair.
 4. Every model is evaluated with ``mergekit_ftt.eval`` (lm-eval, hf backend, chat
-   template, exact match) on chat questions, a third each about facts of the SFT set,
-   early facts kept out of it and late facts (:func:`write_data`).
+   template, exact match) on chat questions about facts of the SFT set, early facts kept
+   out of it and late facts (:func:`write_data`).
 5. ``ftt-inspect`` (``inspect_recipe``) reads every pair's recipe before it is merged.
 
 Transfer efficiency of a pair is (score(Mi + Δj) − score(Mi)) / (score(FT(Mi)) − score(Mi)):
@@ -111,26 +111,32 @@ class SeedLayout(pipeline.Layout):
 def write_data(layout: SeedLayout, config: DemoConfig, seed: int) -> corpus.World:
     """The demo's data files, with the SFT and test sets replaced by the matrix's split.
 
-    SFT asks about most early facts; the test asks, in equal parts, about facts of the SFT
-    set (what fine-tuning taught), early facts kept out of it and late facts (both known
-    only from pre-training). Every checkpoint then has something to gain from
-    fine-tuning, as every OLMo 2 checkpoint gains on GSM8K in the paper's Table 3.
+    A third of the demo's test size of early facts is kept out of the SFT set. The test asks
+    about twice that many facts of the SFT set (what fine-tuning taught), the kept-out early
+    facts and twice that many late facts (the last two known only from pre-training), each
+    fact with every question template: every checkpoint then has something to gain from
+    fine-tuning, as every OLMo 2 checkpoint gains on GSM8K in the paper's Table 3, and the
+    test is large enough (200 questions in the full preset) for efficiencies to be read.
     """
     world = pipeline.write_data(layout, config, seed)
     part = config.task.test_examples // 3
-    held_out_early = world.early[:part]
-    taught = world.early[part:]
-    sft_world = corpus.World(early=taught, late=())
-    test_facts = taught[:part] + held_out_early + world.late[: config.task.test_examples - 2 * part]
+    held_out, taught = world.early[:part], world.early[part:]
     corpus.write_jsonl(
-        corpus.sft_examples(sft_world, config.task.sft_examples, seed), layout.data / "sft.jsonl"
+        corpus.sft_examples(corpus.World(early=taught, late=()), config.task.sft_examples, seed),
+        layout.data / "sft.jsonl",
     )
-    corpus.write_jsonl(
-        corpus.held_out_examples(
-            corpus.World(early=(), late=test_facts), config.task.test_examples, seed
-        ),
-        layout.data / "test.jsonl",
-    )
+    test_facts = taught[: 2 * part] + held_out + world.late[: 2 * part]
+    questions = [
+        {
+            "messages": [
+                {"role": "user", "content": template.format(a=fact.a, b=fact.b)},
+                {"role": "assistant", "content": str(fact.c)},
+            ]
+        }
+        for fact in test_facts
+        for template in corpus.QUESTION_TEMPLATES
+    ]
+    corpus.write_jsonl(questions, layout.data / "test.jsonl")
     return world
 
 
@@ -257,15 +263,19 @@ def run_seed(
     names = [c.name for c in checkpoints]
     pairs = [Pair(t, s) for t in names for s in names if t != s]
     spread = ", ".join(f"{c.name} = stage {c.stage} step {c.step}" for c in checkpoints)
-    STAGES(f"seed {seed}: pre-training ({spread})")
+    STAGES(f"seed {seed}: data and pre-training ({spread}){_cached(layout, names)}")
     with quiet(log):
         world = write_data(layout, config, seed)
         pretrain(layout, config, world, checkpoints, seed)
     for checkpoint in checkpoints:
-        STAGES(f"seed {seed}: fine-tuning {checkpoint.name} with ftt-train")
+        tuned = finetuned(checkpoint.name)
+        STAGES(
+            f"seed {seed}: fine-tuning {checkpoint.name} with ftt-train{_cached(layout, [tuned])}"
+        )
         with quiet(log):
             finetune(layout, config, checkpoint, seed)
-    STAGES(f"seed {seed}: {len(pairs)} transfers with mergekit-multi")
+    missing = [p for p in pairs if not is_finished_model(layout.transferred(p))]
+    STAGES(f"seed {seed}: {len(missing)} of {len(pairs)} transfers to make with mergekit-multi")
     transfer_all(layout, pairs, threads, log)
     STAGES(f"seed {seed}: ftt-inspect on every pair's recipe")
     with quiet(log):
@@ -281,6 +291,11 @@ def run_seed(
         **calibration.seed_summary(seed, names, scores, pair_reports),
         "checkpoint_steps": [asdict(c) for c in checkpoints],
     }
+
+
+def _cached(layout: SeedLayout, labels: Sequence[str]) -> str:
+    done = all(is_finished_model(layout.model(label)) for label in labels)
+    return ": done before, skipped" if done else ""
 
 
 @contextlib.contextmanager

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
-import torch
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from safetensors import safe_open
@@ -14,7 +15,9 @@ from mergekit_ftt.inspect.recipe import TensorSource
 
 
 class Checkpoint:
-    """The safetensors shards of one model, opened once, read as row chunks."""
+    """The safetensors shards of one model: every tensor's shape and stored dtype from the
+    headers, and a tensor's rows on demand. A shard is mapped only while one of its tensors
+    is read, so the pages read leave the process's memory with it."""
 
     def __init__(self, model: ModelReference, options: MergeOptions):
         self.model = model
@@ -28,32 +31,33 @@ class Checkpoint:
         self._paths = {
             name: os.path.join(index.base_path, shard) for name, shard in index.tensor_paths.items()
         }
-        self._files: dict[str, object] = {}
+        self._headers: dict[str, tuple[list[int], str]] = {}
+        for path in set(self._paths.values()):
+            with safe_open(path, framework="pt", device="cpu") as file:
+                for name in file.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = file.get_slice(name)
+                    self._headers[name] = (list(tensor.get_shape()), tensor.get_dtype())
 
     @property
     def names(self) -> list[str]:
         return list(self._paths)
 
     def resolve(self, source: TensorSource) -> str:
+        """The first of the names mergekit accepts for this tensor that the model has."""
         for name in source.names:
             if name in self._paths:
                 return name
         raise FttError(f"{self.model} has no tensor {source.names[0]}")
 
-    def _slice(self, name: str):
-        path = self._paths[name]
-        if path not in self._files:
-            self._files[path] = safe_open(path, framework="pt", device="cpu")
-        return self._files[path].get_slice(name)
-
     def shape(self, name: str) -> list[int]:
-        return list(self._slice(name).get_shape())
+        return self._headers[name][0]
 
     def dtype(self, name: str) -> str:
-        return self._slice(name).get_dtype()
+        """The stored dtype, as safetensors names it (``BF16``, ``F32``, ...)."""
+        return self._headers[name][1]
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        tensor_slice = self._slice(name)
-        if not tensor_slice.get_shape():
-            return tensor_slice[:]
-        return tensor_slice[start:stop]
+    @contextlib.contextmanager
+    def reading(self, name: str) -> Iterator:
+        """The tensor's safetensors slice: ``slice[start:stop]`` reads rows start..stop-1."""
+        with safe_open(self._paths[name], framework="pt", device="cpu") as file:
+            yield file.get_slice(name)

@@ -70,16 +70,17 @@ def _compatibility(compatibility: dict) -> list[str]:
     )
     lines.append(f"  tensors        {tensors['count']} merged; stored {dtypes}")
     lines.append(f"  merge dtype    {compatibility['merge_dtype'] or 'inputs’ own'}")
-    vocabulary = compatibility["vocabulary"]
-    sizes = ", ".join(f"{role} {n}" for role, n in vocabulary["sizes"].items())
-    lines.append(f"  vocabulary     {sizes} tokens")
-    for pair in vocabulary["pairs"]:
-        first_role, second_role = pair["models"]
-        lines.append(
-            f"                 {first_role} / {second_role}: {pair['shared']} shared by string "
-            f"({pair['same_id']} at the same id), {pair[f'only_in_{first_role}']['count']} "
-            f"only in {first_role}, {pair[f'only_in_{second_role}']['count']} only in {second_role}"
-        )
+    for role, entry in tensors["inputs"].items():
+        if entry["read_under_another_name"]:
+            lines.append(
+                f"                 {role}: {', '.join(entry['read_under_another_name'])} (tied)"
+            )
+        if entry["not_merged"]["count"]:
+            lines.append(
+                f"                 {role}: {entry['not_merged']['count']} tensor(s) the merge does "
+                f"not read, e.g. {', '.join(entry['not_merged']['examples'])}"
+            )
+    lines += _vocabulary(compatibility["vocabulary"])
     chat = compatibility["chat"]
     template = chat["chat_template"]
     described = "none" if not template else f"{len(template)} characters"
@@ -89,6 +90,30 @@ def _compatibility(compatibility: dict) -> list[str]:
     )
     for note in compatibility["notes"]:
         lines.append(f"  note: {note}")
+    return lines
+
+
+def _vocabulary(vocabulary: dict) -> list[str]:
+    sizes = vocabulary["sizes"]
+    pairs = vocabulary["pairs"]
+    if len(set(sizes.values())) == 1 and all(
+        p["same_id"] == p["shared"] == next(iter(sizes.values())) for p in pairs
+    ):
+        return [
+            f"  vocabulary     {next(iter(sizes.values()))} tokens, the same at the same ids in every input"
+        ]
+    lines = [f"  vocabulary     {', '.join(f'{role} {n}' for role, n in sizes.items())} tokens"]
+    for pair in pairs:
+        first, second = pair["models"]
+        lines.append(
+            f"                 {first} / {second}: {pair['shared']} shared by string "
+            f"({pair['same_id']} at the same id), {pair[f'only_in_{first}']['count']} only in "
+            f"{first}, {pair[f'only_in_{second}']['count']} only in {second}"
+        )
+    if vocabulary["missing_tokenizer"]:
+        lines.append(
+            f"                 no tokenizer found for {', '.join(vocabulary['missing_tokenizer'])}"
+        )
     return lines
 
 
@@ -113,37 +138,56 @@ def format_report(report: dict) -> str:
 
 
 def plot(report: dict, path: str | Path) -> Path:
-    """Per-layer ‖Δ‖ and ‖D‖, their ratio and cos(Δ, D), with the whole-model values dashed."""
+    """Per layer: ‖Δ‖ and ‖D‖; their ratio for the layer, its attention and its MLP, against
+    the verdict's thresholds; cos(Δ, D). Whole-model values dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = report["statistics"]["layers"]
     model = report["statistics"]["model"]
+    verdict = report["verdict"]
     x = [entry["layer"] for entry in layers]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 8.5), sharex=True)
-    norms, ratio, cosine = axes
-    norms.plot(x, [e["delta_norm"] for e in layers], "o-", label="‖Δ‖ (delta)")
-    norms.plot(x, [e["gap_norm"] for e in layers], "s-", label="‖D‖ (target − source base)")
+
+    def series(key: str, kind: str | None = None) -> list:
+        source = layers if kind is None else [e["module_kinds"].get(kind, {}) for e in layers]
+        return [entry.get(key) for entry in source]
+
+    fig, (norms, ratio, cosine) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    norms.plot(x, series("delta_norm"), "o-", label="‖Δ‖ (the delta)")
+    norms.plot(x, series("gap_norm"), "s-", label="‖D‖ (target − source base)")
     norms.set_yscale("log")
     norms.set_ylabel("Frobenius norm")
     norms.legend()
-    ratio.plot(x, [e["gap_to_delta"] for e in layers], "o-", color="tab:red")
+    ratio.plot(x, series("gap_to_delta"), "o-", color="black", label="layer")
+    ratio.plot(x, series("gap_to_delta", "attention"), ".--", color="tab:blue", label="attention")
+    ratio.plot(x, series("gap_to_delta", "mlp"), ".--", color="tab:orange", label="MLP")
+    limits = verdict["thresholds"]
+    ratio.axhspan(0, limits["likely_below"], color="tab:green", alpha=0.12, label="likely")
+    ratio.axhspan(
+        limits["unlikely_above"],
+        max(limits["unlikely_above"], *[v or 0 for v in series("gap_to_delta")]) * 1.2,
+        color="tab:red",
+        alpha=0.10,
+        label="unlikely",
+    )
     if model["gap_to_delta"] is not None:
-        ratio.axhline(model["gap_to_delta"], ls="--", color="tab:red", lw=1, label="whole model")
-        ratio.legend()
+        ratio.axhline(model["gap_to_delta"], ls=":", color="black", lw=1, label="whole model")
     ratio.set_ylabel("‖D‖ / ‖Δ‖")
-    cosine.plot(x, [e["cosine"] for e in layers], "o-", color="tab:green")
+    ratio.legend(fontsize="small", ncol=3)
+    cosine.plot(x, series("cosine"), "o-", color="tab:green", label="layer")
     if model["cosine"] is not None:
-        cosine.axhline(model["cosine"], ls="--", color="tab:green", lw=1, label="whole model")
-        cosine.legend()
+        cosine.axhline(model["cosine"], ls=":", color="tab:green", lw=1, label="whole model")
     cosine.axhline(0, color="grey", lw=0.5)
     cosine.set_ylabel("cos(Δ, D)")
     cosine.set_xlabel("layer")
-    verdict = report["verdict"]
+    cosine.legend(fontsize="small")
+    cosine.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(
-        f"ftt-inspect: {report['recipe'] or ''}\nverdict {verdict['score']:.2f} ({verdict['level']})"
+        f"ftt-inspect: {report['recipe'] or ''}\nverdict {verdict['score']:.2f} "
+        f"({verdict['level']}; thresholds calibrated on the miniature Table 3)"
     )
     fig.tight_layout()
     path = Path(path)
