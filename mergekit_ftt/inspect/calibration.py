@@ -99,7 +99,8 @@ def correlate(rows: Sequence[dict]) -> dict[str, float | None]:
 
 def fit_curve(points: Sequence[tuple[float, float]]) -> dict[str, float]:
     """Least-squares fit of efficiency ≈ 1 / (1 + (S / s50)^k) to (S, efficiency) points:
-    a grid over log s50 (0.05 to 20) and k (0.5 to 10), then a finer grid around the best."""
+    a grid over log s50 (a quarter of the smallest S to four times the largest) and k
+    (0.5 to 10), then a finer grid around the best."""
     values = [s for s, _ in points]
     if not points or min(values) <= 0:
         raise ValueError("fit_curve needs points with a positive statistic")
@@ -107,18 +108,17 @@ def fit_curve(points: Sequence[tuple[float, float]]) -> dict[str, float]:
     def loss(s50: float, k: float) -> float:
         return sum((predicted_efficiency(s, s50, k) - e) ** 2 for s, e in points)
 
+    low, high = math.log(min(values) / 4), math.log(max(values) * 4)
     best = (math.inf, 1.0, 1.0)
-    log_s50, k_values = (
-        [math.log(0.05) + i * math.log(400) / 200 for i in range(201)],
-        [0.5 + 0.1 * j for j in range(96)],
-    )
-    for log_s in log_s50:
-        for k in k_values:
-            best = min(best, (loss(math.exp(log_s), k), math.exp(log_s), k))
+    for i in range(201):
+        s50 = math.exp(low + (high - low) * i / 200)
+        for j in range(96):
+            best = min(best, (loss(s50, 0.5 + 0.1 * j), s50, 0.5 + 0.1 * j))
     _, s50, k = best
-    for s in (s50 * math.exp(0.002 * i) for i in range(-30, 31)):
-        for kk in (k + 0.005 * j for j in range(-20, 21)):
-            best = min(best, (loss(s, kk), s, kk))
+    for i in range(-30, 31):
+        for j in range(-20, 21):
+            candidate = (s50 * math.exp(0.002 * i), k + 0.005 * j)
+            best = min(best, (loss(*candidate), *candidate))
     residual, s50, k = best
     return {"s50": s50, "k": k, "rms_error": math.sqrt(residual / len(points))}
 
@@ -337,9 +337,9 @@ def markdown(summary: dict) -> str:
         "",
         calibration_text(calibrate(seeds)),
         "",
-        f"Verdict statistic: {STATISTIC}. Wall time {summary['wall_seconds']:.0f} s, CPU time "
-        f"{summary['cpu_seconds']:.0f} s; load average {load['start'][0]:.1f} at the start, "
-        f"{load['end'][0]:.1f} at the end (2 cores shared with other jobs).",
+        f"Verdict statistic: {STATISTIC}. This invocation (stages finished before are skipped): "
+        f"wall time {summary['wall_seconds']:.0f} s, CPU time {summary['cpu_seconds']:.0f} s; "
+        f"load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end.",
     ]
     return "\n".join(lines) + "\n"
 

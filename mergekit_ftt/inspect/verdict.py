@@ -15,11 +15,14 @@ STATISTIC = "gap_to_delta"
 STATISTIC_TEXT = "‖M_t − M_s‖ / ‖Δ‖"
 LIKELY, UNLIKELY = 0.7, 0.3  # predicted efficiency at the two thresholds
 
-# Fitted by mergekit_ftt.inspect.calibration.fit_curve on `ftt-demo --matrix` (3 seeds).
+# Fitted by mergekit_ftt.inspect.calibration.fit_curve on `ftt-demo --matrix 3` (full
+# preset, seeds 0-2, 60 ordered pairs, 200-question test; docs/inspect.md): RMS error 0.11,
+# and 0.07-0.15 on each seed when fitted on the other two.
 CALIBRATION = {
-    "s50": 1.4,
-    "k": 3.0,
-    "evidence": "calibration pending",
+    "s50": 1.052,
+    "k": 1.78,
+    "evidence": "60 transfers between 5 checkpoints of a 0.2M-parameter OLMo 2, 3 seeds; "
+    "Spearman ρ with measured efficiency 0.75 on average, 0.49-0.89 per seed",
 }
 
 
