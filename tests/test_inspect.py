@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CORPUS, OFFLINE_ENV, run_cli
+from conftest import OFFLINE_ENV, run_cli
 from safetensors.torch import load_file, save_file
 
 from mergekit_ftt.cli import FttError
 from mergekit_ftt.inspect import calibration, inspect_recipe, statistics
-from mergekit_ftt.tiny import build_tokenizer, save_random_model, tiny_config
 
 STATISTIC_KEYS = {
     "elements",
@@ -45,17 +44,10 @@ def perturbed(source: Path, out: Path, seed: int, scale: float, dtype=torch.floa
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> dict[str, Path]:
+def family(llama, tmp_path_factory) -> dict[str, Path]:
     """A source base, two fine-tuned models of it and a target near it (float32, Llama)."""
     root = tmp_path_factory.mktemp("inspect")
-    tokenizer = build_tokenizer(CORPUS, vocab_size=300)
-    config = tiny_config(
-        "llama",
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    base = save_random_model(config, root / "base", seed=0, tokenizer=tokenizer)
+    base = perturbed(llama.model("inspect-base", seed=0), root / "base", seed=0, scale=0.0)
     return {
         "base": base,
         "ft": perturbed(base, root / "ft", seed=1, scale=0.02),
@@ -67,19 +59,24 @@ def family(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def write_yaml(path: Path, **recipe) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 def write_recipe(path: Path, target: Path, source_base: Path, finetuned: list, **extra) -> Path:
-    recipe = {
-        "merge_method": "finetuning_transfer",
-        "base_model": str(target),
-        "models": [
+    """A finetuning_transfer recipe; ``finetuned`` holds (model, weight) pairs."""
+    return write_yaml(
+        path,
+        merge_method="finetuning_transfer",
+        base_model=str(target),
+        models=[
             {"model": str(model), "parameters": {"role": "source_finetuned", "weight": weight}}
             for model, weight in finetuned
         ]
         + [{"model": str(source_base), "parameters": {"role": "source_base"}}],
         **extra,
-    }
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    )
 
 
 def numpy_weights(path: Path, cast: torch.dtype | None = None) -> dict[str, np.ndarray]:
@@ -166,39 +163,34 @@ def test_statistics_match_numpy_per_tensor_layer_kind_and_model(
         )
 
 
+def model_reference(family: dict[str, Path], target: str) -> dict[str, float]:
+    """NumPy's whole-model statistics of family[target] + (ft − base), values as stored."""
+    base, ft, moved = (numpy_weights(family[key]) for key in ("base", "ft", target))
+    return reference([(ft[n] - base[n], moved[n], base[n]) for n in base])
+
+
 def test_statistics_see_the_inputs_at_the_precision_the_merge_runs(family, tmp_path):
     """float32 files and `dtype: bfloat16`: the merge's preflight raises the merge dtype to
     float32 (nothing is rounded before the delta is taken); the statistics follow it and
     the report says so. Files stored in bfloat16 are read as stored (cast exactly)."""
-    recipe = write_recipe(
-        tmp_path / "r.yml",
-        family["target"],
-        family["base"],
-        [(family["ft"], 1.0)],
-        dtype="bfloat16",
-    )
-    report = inspect_recipe(recipe, progress=False)
-    base, ft, target = (numpy_weights(family[k]) for k in ("base", "ft", "target"))
-    expected = reference([(ft[n] - base[n], target[n], base[n]) for n in base])
-    assert_statistics(report["statistics"]["model"], expected)
-    assert report["compatibility"]["merge_dtype"] == "float32"
-    assert report["compatibility"]["out_dtype"] == "bfloat16"
-    assert any("Merging at float32" in note for note in report["compatibility"]["notes"])
-
-    mixed = write_recipe(
-        tmp_path / "m.yml",
-        family["target_bf16"],
-        family["base"],
-        [(family["ft"], 1.0)],
-        dtype="float32",
-    )
-    report = inspect_recipe(mixed, progress=False)
-    target = numpy_weights(family["target_bf16"])
-    expected = reference([(ft[n] - base[n], target[n], base[n]) for n in base])
-    assert_statistics(report["statistics"]["model"], expected)
-    stored = report["compatibility"]["tensors"]["inputs"]
-    assert stored["target"]["stored_dtypes"] == {"BF16": len(base)}
-    assert stored["source_base"]["stored_dtypes"] == {"F32": len(base)}
+    for target, dtype in (("target", "bfloat16"), ("target_bf16", "float32")):
+        recipe = write_recipe(
+            tmp_path / f"{target}.yml",
+            family[target],
+            family["base"],
+            [(family["ft"], 1.0)],
+            dtype=dtype,
+        )
+        report = inspect_recipe(recipe, progress=False)
+        assert_statistics(report["statistics"]["model"], model_reference(family, target))
+        assert report["compatibility"]["merge_dtype"] == "float32"
+        stored = report["compatibility"]["tensors"]["inputs"]
+        assert stored["source_base"]["stored_dtypes"] == {"F32": 21}
+        if target == "target":
+            assert report["compatibility"]["out_dtype"] == "bfloat16"
+            assert any("Merging at float32" in note for note in report["compatibility"]["notes"])
+        else:
+            assert stored["target"]["stored_dtypes"] == {"BF16": 21}
 
 
 def test_per_layer_weights_follow_mergekit_gradients(family, tmp_path):
@@ -281,15 +273,11 @@ def test_chat_template_note_when_the_output_keeps_a_target_without_one(family, t
 
 
 def test_a_recipe_for_another_method_names_the_roles(family, tmp_path):
-    recipe = tmp_path / "ta.yml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "task_arithmetic",
-                "base_model": str(family["base"]),
-                "models": [{"model": str(family["ft"]), "parameters": {"weight": 1.0}}],
-            }
-        )
+    recipe = write_yaml(
+        tmp_path / "ta.yml",
+        merge_method="task_arithmetic",
+        base_model=str(family["base"]),
+        models=[{"model": str(family["ft"]), "parameters": {"weight": 1.0}}],
     )
     with pytest.raises(FttError, match="uses merge_method 'task_arithmetic'") as error:
         inspect_recipe(recipe, progress=False)
@@ -298,17 +286,12 @@ def test_a_recipe_for_another_method_names_the_roles(family, tmp_path):
 
 def test_preflight_errors_are_the_merges_own(family, tmp_path):
     """The same bad recipe through ftt-inspect and mergekit-yaml: the same message."""
-    recipe = tmp_path / "no_base.yml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "finetuning_transfer",
-                "base_model": str(family["target"]),
-                "models": [
-                    {"model": str(family["ft"]), "parameters": {"role": "source_finetuned"}}
-                ],
-            }
-        )
+    finetuned = {"model": str(family["ft"]), "parameters": {"role": "source_finetuned"}}
+    recipe = write_yaml(
+        tmp_path / "no_base.yml",
+        merge_method="finetuning_transfer",
+        base_model=str(family["target"]),
+        models=[finetuned],
     )
     inspected = run_cli("ftt-inspect", str(recipe))
     merged = run_cli("mergekit-yaml", str(recipe), str(tmp_path / "out"))

@@ -271,31 +271,38 @@ def _cell(value: float | None, digits: int = 1) -> str:
 
 
 def seed_tables(seed: dict) -> str:
-    """Table 3's layout: one row per target Mi; Mi, FT(Mi), then Mi + Δj for every j (the
-    diagonal Mi + Δi is FT(Mi) itself); then efficiency and ftt-inspect's score."""
+    """Table 3's layout: one row per target Mi with Mi, FT(Mi) and Mi + Δj for every j (the
+    diagonal Mi + Δi is FT(Mi) itself); then the efficiency and ftt-inspect's score of each
+    Mi + Δj."""
     names, scores = seed["checkpoints"], seed["scores"]
     by_pair = {(row["target"], row["source"]): row for row in seed["pairs"]}
-    header = "| | base | FT | " + " | ".join(f"+Δ{n[1:]}" for n in names) + " |"
-    rule = "|---|---:|---:|" + "---:|" * len(names)
+    transfers = " | ".join(f"+Δ{name[1:]}" for name in names)
 
-    def matrix(title: str, cell) -> list[str]:
-        lines = [f"**{title}**", "", header, rule]
+    def matrix(title: str, cell, own_scores: bool) -> list[str]:
+        own = "base | FT | " if own_scores else ""
+        lines = [
+            f"**{title}**",
+            "",
+            f"| | {own}{transfers} |",
+            "|---|" + "---:|" * (len(names) + 2 * own_scores),
+        ]
         for target in names:
-            cells = [cell(by_pair.get((target, source))) for source in names]
-            lines.append(
-                f"| {target} | {_cell(scores[target])} | {_cell(scores[f'FT({target})'])} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            cells = [
+                "·" if (row := by_pair.get((target, source))) is None else cell(row)
+                for source in names
+            ]
+            if own_scores:
+                cells = [_cell(scores[target]), _cell(scores[f"FT({target})"]), *cells]
+            lines.append(f"| {target} | " + " | ".join(cells) + " |")
         return [*lines, ""]
 
     lines = [f"### seed {seed['seed']}", ""]
-    lines += matrix("accuracy (%)", lambda row: "·" if row is None else _cell(row["score"]))
+    lines += matrix("accuracy (%)", lambda row: _cell(row["score"]), own_scores=True)
+    lines += matrix("transfer efficiency", lambda row: _cell(row["efficiency"], 2), False)
     lines += matrix(
-        "transfer efficiency", lambda row: "·" if row is None else _cell(row["efficiency"], 2)
-    )
-    lines += matrix(
-        "ftt-inspect score", lambda row: "·" if row is None else _cell(row["verdict"]["score"], 2)
+        "ftt-inspect score (predicted efficiency)",
+        lambda row: f"{row['verdict']['score']:.2f} {row['verdict']['level'][0]}",
+        False,
     )
     return "\n".join(lines)
 
@@ -326,7 +333,8 @@ def markdown(summary: dict) -> str:
         "",
         "Rows: the target Mi; +Δj: Mi + (FT(Mj) − Mj) by mergekit-multi (finetuning_transfer); "
         "efficiency = (score(Mi + Δj) − score(Mi)) / (score(FT(Mi)) − score(Mi)), – where "
-        f"FT(Mi) gains less than {MIN_GAIN:g} points; diagonal (·) = FT(Mi) itself.",
+        f"FT(Mi) gains less than {MIN_GAIN:g} points; diagonal (·) = FT(Mi) itself; "
+        "ftt-inspect's level: l likely, p partial, u unlikely.",
         "",
         *(seed_tables(seed) for seed in seeds),
         "### Spearman ρ of each candidate statistic with transfer efficiency",
