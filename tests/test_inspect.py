@@ -272,6 +272,39 @@ def test_chat_template_note_when_the_output_keeps_a_target_without_one(family, t
     assert chat["end_of_turn_tokens"] == ["<|endoftext|>"]
 
 
+def test_end_of_turn_tokens_follow_the_tokenizer_source(family, tmp_path):
+    """A fine-tuned model that also stops on <|user|> (its generation config): the output
+    keeps both only when the recipe takes the tokenizer from it."""
+    finetuned = tmp_path / "ft"
+    shutil.copytree(family["ft"], finetuned)
+    tokenizer_config = json.loads((finetuned / "tokenizer_config.json").read_text())
+    vocab = json.loads((finetuned / "tokenizer.json").read_text())["added_tokens"]
+    ids = {token["content"]: token["id"] for token in vocab}
+    (finetuned / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"]]})
+    )
+    assert tokenizer_config["eos_token"] == "<|endoftext|>"
+    with_source = write_recipe(
+        tmp_path / "r1.yml",
+        family["target"],
+        family["base"],
+        [(finetuned, 1.0)],
+        tokenizer={"source": str(finetuned)},
+    )
+    report = inspect_recipe(with_source, progress=False)
+    chat = report["compatibility"]["chat"]
+    assert chat["end_of_turn_tokens"] == ["<|endoftext|>", "<|user|>"]
+    assert chat["generation_config_from"] == "source_finetuned" and not chat["notes"]
+
+    without = write_recipe(
+        tmp_path / "r2.yml", family["target"], family["base"], [(finetuned, 1.0)]
+    )
+    chat = inspect_recipe(without, progress=False)["compatibility"]["chat"]
+    assert chat["generation_config_from"] == "target"
+    assert "<|user|>" not in chat["end_of_turn_tokens"]
+    assert any("ends a turn with <|endoftext|>, <|user|>" in note for note in chat["notes"])
+
+
 def test_a_recipe_for_another_method_names_the_roles(family, tmp_path):
     recipe = write_yaml(
         tmp_path / "ta.yml",

@@ -138,70 +138,75 @@ def aligned_rows(tokenizers: dict, rows: int) -> torch.Tensor | None:
 
 
 def chat(recipe: Recipe, tokenizers: dict, options: MergeOptions) -> dict:
-    """The tokenizer, chat template and end-of-turn tokens the output will have.
+    """The tokenizer, chat template and end-of-turn tokens the output will have, with notes
+    where they differ from the fine-tuned model's (whose format the delta learned).
 
     mergekit copies the target's tokenizer files (with its generation_config.json) when
     the recipe has no tokenizer section; with ``tokenizer: {source: MODEL}`` it saves that
-    model's tokenizer and mergekit-ftt copies its generation config; a ``chat_template:``
-    key replaces the template either way.
+    model's tokenizer and mergekit-ftt copies its generation config; ``tokenizer: {source:
+    base | union}`` builds on the target's tokenizer; a ``chat_template:`` key replaces the
+    template either way.
     """
     config = recipe.config
     labelled = roles(recipe)
     source = config.tokenizer.source if config.tokenizer else config.tokenizer_source
     if isinstance(source, ModelReference):
-        donor_role = next((r for r, m in labelled.items() if m == source), str(source))
-        tokenizer = tokenizers.get(donor_role) or load_tokenizer(source, options)
+        tokenizer_from = _role_of(source, labelled)
+        tokenizer = tokenizers.get(tokenizer_from) or load_tokenizer(source, options)
         generation_from = source
-    else:  # None, "base" or "union": built on the target's tokenizer
-        donor_role, tokenizer, generation_from = "target", tokenizers.get("target"), None
-        if source is None:
-            generation_from = labelled["target"]
+    else:
+        tokenizer_from, tokenizer = source or "target", tokenizers.get("target")
+        generation_from = labelled["target"] if source is None else None
     template = config.chat_template or (tokenizer.chat_template if tokenizer else None)
     if isinstance(template, dict):
         template = template.get("default")
-    generation = _generation_config(generation_from, options) if generation_from else {}
-    eos_ids = generation.get("eos_token_id")
-    if eos_ids is None and tokenizer is not None:
-        eos_ids = tokenizer.eos_token_id
-    eos_ids = [] if eos_ids is None else eos_ids if isinstance(eos_ids, list) else [eos_ids]
-    tokens = [tokenizer.convert_ids_to_tokens(i) if tokenizer else None for i in eos_ids]
-    report = {
-        "tokenizer_from": donor_role
-        if isinstance(source, ModelReference)
-        else (source or "target"),
+    eos_ids = _end_of_turn_ids(generation_from, tokenizer, options)
+    output = {
+        "tokenizer_from": tokenizer_from,
         "chat_template": template,
-        "chat_template_from": "recipe" if config.chat_template else donor_role,
+        "chat_template_from": "recipe" if config.chat_template else tokenizer_from,
         "generation_config_from": _role_of(generation_from, labelled),
         "end_of_turn_ids": eos_ids,
-        "end_of_turn_tokens": tokens,
-        "notes": [],
+        "end_of_turn_tokens": [
+            tokenizer.convert_ids_to_tokens(i) if tokenizer else None for i in eos_ids
+        ],
     }
+    return {**output, "notes": _chat_notes(output, labelled, tokenizers, options)}
+
+
+def _end_of_turn_ids(model: ModelReference | None, tokenizer, options: MergeOptions) -> list:
+    """The generation config's ``eos_token_id`` (one or several), else the tokenizer's."""
+    ids = _generation_config(model, options).get("eos_token_id") if model else None
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    return [] if ids is None else ids if isinstance(ids, list) else [ids]
+
+
+def _chat_notes(output: dict, labelled: dict, tokenizers: dict, options: MergeOptions) -> list:
     finetuned = tokenizers.get("source_finetuned")
-    if finetuned is not None:
-        finetuned_template = finetuned.chat_template
-        if finetuned_template and not template:
-            report["notes"].append(
-                "the output will have no chat template, while the fine-tuned model has one "
-                "(its delta learned that format): add `tokenizer: {source: "
-                f"{labelled['source_finetuned']}}}` to the recipe"
-            )
-        elif finetuned_template and template != finetuned_template:
-            report["notes"].append(
-                "the output's chat template differs from the fine-tuned model's, whose format "
-                "the delta learned"
-            )
-        finetuned_eos = _generation_config(labelled["source_finetuned"], options).get(
-            "eos_token_id", finetuned.eos_token_id
+    if finetuned is None:
+        return []
+    notes = []
+    if finetuned.chat_template and not output["chat_template"]:
+        notes.append(
+            "the output will have no chat template, while the fine-tuned model has one "
+            "(its delta learned that format): add `tokenizer: {source: "
+            f"{labelled['source_finetuned']}}}` to the recipe"
         )
-        finetuned_eos = finetuned_eos if isinstance(finetuned_eos, list) else [finetuned_eos]
-        finetuned_tokens = [finetuned.convert_ids_to_tokens(i) for i in finetuned_eos]
-        if set(finetuned_tokens) - set(tokens):
-            report["notes"].append(
-                f"the fine-tuned model ends a turn with {', '.join(finetuned_tokens)} but the "
-                f"output stops on {', '.join(map(str, tokens)) or 'nothing'}: generation may "
-                "run past the end of a reply"
-            )
-    return report
+    elif finetuned.chat_template and output["chat_template"] != finetuned.chat_template:
+        notes.append(
+            "the output's chat template differs from the fine-tuned model's, whose format "
+            "the delta learned"
+        )
+    finetuned_ids = _end_of_turn_ids(labelled["source_finetuned"], finetuned, options)
+    finetuned_tokens = [finetuned.convert_ids_to_tokens(i) for i in finetuned_ids]
+    if set(finetuned_tokens) - set(output["end_of_turn_tokens"]):
+        stops = ", ".join(map(str, output["end_of_turn_tokens"])) or "nothing"
+        notes.append(
+            f"the fine-tuned model ends a turn with {', '.join(finetuned_tokens)} but the "
+            f"output stops on {stops}: generation may run past the end of a reply"
+        )
+    return notes
 
 
 def _role_of(model: ModelReference | None, labelled: dict) -> str | None:
