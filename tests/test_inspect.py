@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import OFFLINE_ENV, run_cli
+from helpers import OFFLINE_ENV, run_cli, transfer_recipe
 from safetensors.torch import load_file, save_file
 
 from mergekit_ftt.cli import FttError
@@ -65,18 +65,9 @@ def write_yaml(path: Path, **recipe) -> Path:
 
 
 def write_recipe(path: Path, target: Path, source_base: Path, finetuned: list, **extra) -> Path:
-    """A finetuning_transfer recipe; ``finetuned`` holds (model, weight) pairs."""
-    return write_yaml(
-        path,
-        merge_method="finetuning_transfer",
-        base_model=str(target),
-        models=[
-            {"model": str(model), "parameters": {"role": "source_finetuned", "weight": weight}}
-            for model, weight in finetuned
-        ]
-        + [{"model": str(source_base), "parameters": {"role": "source_base"}}],
-        **extra,
-    )
+    """The shared test recipe (helpers.transfer_recipe, bfloat16 unless ``dtype`` is given)
+    written to ``path``; ``finetuned`` holds (model, weight) pairs."""
+    return write_yaml(path, **transfer_recipe(target, finetuned, source_base, **extra))
 
 
 def numpy_weights(path: Path, cast: torch.dtype | None = None) -> dict[str, np.ndarray]:
@@ -185,12 +176,12 @@ def test_statistics_see_the_inputs_at_the_precision_the_merge_runs(family, tmp_p
         assert_statistics(report["statistics"]["model"], model_reference(family, target))
         assert report["compatibility"]["merge_dtype"] == "float32"
         stored = report["compatibility"]["tensors"]["inputs"]
-        assert stored["source_base"]["stored_dtypes"] == {"F32": 21}
+        assert stored["source_base"]["stored_dtypes"] == {"float32": 21}
         if target == "target":
             assert report["compatibility"]["out_dtype"] == "bfloat16"
             assert any("Merging at float32" in note for note in report["compatibility"]["notes"])
         else:
-            assert stored["target"]["stored_dtypes"] == {"BF16": 21}
+            assert stored["target"]["stored_dtypes"] == {"bfloat16": 21}
 
 
 def test_per_layer_weights_follow_mergekit_gradients(family, tmp_path):

@@ -35,7 +35,9 @@ def inspect_recipe(
         recipe = read_config(recipe)
     loaded = load_recipe(recipe, options, path)
     labelled = compatibility.roles(loaded)
-    checkpoints = {model: Checkpoint(model, options) for model in labelled.values()}
+    checkpoints = {
+        model: Checkpoint(loaded.inputs.checkpoints[model]) for model in labelled.values()
+    }
     tokenizers = {
         role: compatibility.load_tokenizer(model, options) for role, model in labelled.items()
     }

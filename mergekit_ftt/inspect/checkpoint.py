@@ -6,58 +6,62 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from mergekit.common import ModelReference
-from mergekit.options import MergeOptions
 from safetensors import safe_open
 
 from mergekit_ftt.cli import FttError
 from mergekit_ftt.inspect.recipe import TensorSource
+from mergekit_ftt.precision import dtype_name
+from mergekit_ftt.preflight import StoredCheckpoint
 
 
 class Checkpoint:
-    """The safetensors shards of one model: every tensor's shape and stored dtype from the
-    headers, and a tensor's rows on demand. A shard is mapped only while one of its tensors
-    is read, so the pages read leave the process's memory with it."""
+    """The weights of one input: names, shapes and stored dtypes as the merge's preflight
+    read them from the headers, and a tensor's rows on demand. A shard is mapped only while
+    one of its tensors is read, so the pages read leave the process's memory with it."""
 
-    def __init__(self, model: ModelReference, options: MergeOptions):
-        self.model = model
-        index = model.tensor_index(options.transformers_cache)
-        if not index.is_safetensors:
+    def __init__(self, stored: StoredCheckpoint):
+        self.model = stored.model
+        if stored.model.lora is not None:
             raise FttError(
-                f"{model} stores its weights as PyTorch .bin files; ftt-inspect streams "
-                "safetensors only. Convert it once (load with transformers and "
-                "save_pretrained(..., safe_serialization=True)) and point the recipe at that."
+                f"{stored.model} is a model with a LoRA adapter; ftt-inspect reads full weights. "
+                "Merge the adapter into its base first (e.g. with mergekit's "
+                "--lora-merge-cache) and give that folder in the recipe."
             )
-        self._paths = {
-            name: os.path.join(index.base_path, shard) for name, shard in index.tensor_paths.items()
-        }
-        self._headers: dict[str, tuple[list[int], str]] = {}
-        for path in set(self._paths.values()):
-            with safe_open(path, framework="pt", device="cpu") as file:
-                for name in file.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    tensor = file.get_slice(name)
-                    self._headers[name] = (list(tensor.get_shape()), tensor.get_dtype())
+        pickled = sorted({t.file for t in stored.tensors.values()} - self._safetensors(stored))
+        if pickled:
+            raise FttError(
+                f"{stored.model} stores its weights as PyTorch .bin files ({pickled[0]}); "
+                "ftt-inspect streams safetensors only. Convert it once (load with "
+                "transformers and save_pretrained(..., safe_serialization=True)) and point "
+                "the recipe at that."
+            )
+        self._stored = stored
+
+    @staticmethod
+    def _safetensors(stored: StoredCheckpoint) -> set[str]:
+        return {t.file for t in stored.tensors.values() if t.file.endswith(".safetensors")}
 
     @property
     def names(self) -> list[str]:
-        return list(self._paths)
+        return list(self._stored.tensors)
 
     def resolve(self, source: TensorSource) -> str:
         """The first of the names mergekit accepts for this tensor that the model has."""
         for name in source.names:
-            if name in self._paths:
+            if name in self._stored.tensors:
                 return name
         raise FttError(f"{self.model} has no tensor {source.names[0]}")
 
     def shape(self, name: str) -> list[int]:
-        return self._headers[name][0]
+        return list(self._stored.tensors[name].shape)
 
     def dtype(self, name: str) -> str:
-        """The stored dtype, as safetensors names it (``BF16``, ``F32``, ...)."""
-        return self._headers[name][1]
+        """The stored dtype's name (``bfloat16``, ``float32``, ...)."""
+        return dtype_name(self._stored.tensors[name].dtype)
 
     @contextlib.contextmanager
     def reading(self, name: str) -> Iterator:
         """The tensor's safetensors slice: ``slice[start:stop]`` reads rows start..stop-1."""
-        with safe_open(self._paths[name], framework="pt", device="cpu") as file:
+        path = os.path.join(self._stored.folder, self._stored.tensors[name].file)
+        with safe_open(path, framework="pt", device="cpu") as file:
             yield file.get_slice(name)
