@@ -363,8 +363,22 @@ def plot(summary: dict, path: Path) -> Path:
     for seed in summary["seeds"]:
         points = _points([seed])
         ax.scatter([x for x, _ in points], [y for _, y in points], label=f"seed {seed['seed']}")
+    points = _points(summary["seeds"])
+    if points:
+        fit = fit_curve(points)
+        low, high = min(x for x, _ in points) * 0.8, max(x for x, _ in points) * 1.2
+        xs = [low * (high / low) ** (i / 100) for i in range(101)]
+        ax.plot(
+            xs,
+            [predicted_efficiency(x, fit["s50"], fit["k"]) for x in xs],
+            color="black",
+            lw=1,
+            label=f"fit: 1 / (1 + (S / {fit['s50']:.2f})^{fit['k']:.2f})",
+        )
+        for value in thresholds(fit["s50"], fit["k"]).values():
+            ax.axvline(value, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
-    ax.set_xlabel(f"ftt-inspect {STATISTIC} (whole model)")
+    ax.set_xlabel(f"S = ftt-inspect {STATISTIC} (whole model); dashed: the verdict's thresholds")
     ax.set_ylabel("transfer efficiency")
     ax.axhline(0, color="grey", lw=0.5)
     ax.axhline(1, color="grey", lw=0.5, ls=":")
