@@ -17,11 +17,16 @@ COMMANDS = {"yaml": "mergekit.scripts.run_yaml", "multi": "mergekit.scripts.mult
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        from mergekit_ftt.inspect.cli import main as inspect_main
+
+        return inspect_main(argv[1:])
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: python -m mergekit_ftt {yaml,multi} ARGS...\n"
+            "usage: python -m mergekit_ftt {yaml,multi,inspect} ARGS...\n"
             "  yaml   runs mergekit-yaml with finetuning_transfer registered\n"
-            "  multi  runs mergekit-multi with finetuning_transfer registered",
+            "  multi  runs mergekit-multi with finetuning_transfer registered\n"
+            "  inspect  runs ftt-inspect (will this delta transfer?)",
             file=sys.stderr,
         )
         return 2

@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a finished demo run in --out"
     )
     parser.add_argument(
+        "--matrix",
+        nargs="?",
+        const=3,
+        type=int,
+        metavar="SEEDS",
+        help="the paper's Table 3 in miniature: 5 checkpoints, every ordered transfer, "
+        "ftt-inspect's prediction against the measured efficiency, over SEEDS seeds from "
+        "--seed on (default 3); written to --out/matrix-full (--quick: matrix-quick)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -151,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(preset)
     threads = args.threads or config.torch_threads
     torch.set_num_threads(threads)
+    if args.matrix:
+        from mergekit_ftt.demo import matrix
+
+        matrix.run(args.out, args.quick, args.seed, args.matrix, threads, args.overwrite)
+        return
     settings = {"preset": preset, "seed": args.seed, "config": config.to_dict()}
     parts = ["main", *(["finetune_after"] if args.finetune_after else [])]
     prepare_output(args.out, settings, parts, args.overwrite, say)

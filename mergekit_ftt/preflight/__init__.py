@@ -18,6 +18,7 @@ runs it at the top of mergekit's ``run_merge`` and merges the configuration it r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -46,6 +47,8 @@ from mergekit_ftt.preflight.recipe import (
 __all__ = [
     "StoredCheckpoint",
     "StoredTensor",
+    "TransferInputs",
+    "check_inputs",
     "check_merge",
     "check_output_path",
     "read_checkpoint",
@@ -62,6 +65,29 @@ def check_merge(
     if config.merge_method != METHOD_NAME:
         return config
     check_output_path(out_path)
+    inputs = check_inputs(config, options)
+    if inputs.precision_note:
+        note(inputs.precision_note, options)
+    return card_safe_paths(inputs.config)
+
+
+class TransferInputs(NamedTuple):
+    """A checked ``finetuning_transfer`` recipe: its models by role, what their weight files
+    hold, and the configuration to run (precision chosen by :mod:`mergekit_ftt.precision`,
+    with a note when it differs from the recipe's)."""
+
+    target: ModelReference
+    source_base: ModelReference
+    source_finetuned: list[ModelReference]
+    checkpoints: dict[ModelReference, StoredCheckpoint]
+    config: MergeConfiguration
+    precision_note: str | None
+
+
+def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferInputs:
+    """The input checks of :func:`check_merge` (no output folder): raise
+    :class:`FinetuningTransferError` or return the models by role and the configuration to
+    run. ``ftt-inspect`` calls this so that its errors are the merge's own."""
     target = config.base_model
     if target is None:
         raise FinetuningTransferError(
@@ -82,9 +108,7 @@ def check_merge(
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
     _check_tensors(checkpoints, configs, finetuned, allow_vocabulary)
     plan = plan_precision(config, {model: c.dtypes for model, c in checkpoints.items()})
-    if plan.message:
-        note(plan.message, options)
-    return card_safe_paths(plan.config)
+    return TransferInputs(target, source_base, finetuned, checkpoints, plan.config, plan.message)
 
 
 def check_output_path(out_path: str) -> None:

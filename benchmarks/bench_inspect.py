@@ -1,0 +1,139 @@
+"""``ftt-inspect`` against the transfer merge of the same three checkpoints, side by side.
+
+Both read the same recipe (bench_merge.py's ``finetuning_transfer``, bfloat16) on
+checkpoints from make_checkpoints.py; runs alternate (merge, inspect, merge, inspect, ...)
+in fresh processes, measured by bench_merge's ``measure``: wall and CPU seconds, peak RSS
+of the process tree and the anonymous part of it (RssAnon: safetensors maps the input
+shards, so pages read are file-backed RSS, not memory the process allocated).
+
+    python benchmarks/make_checkpoints.py 350m --out /work/ckpt
+    python benchmarks/bench_inspect.py 350m --checkpoints /work/ckpt
+
+Writes ``benchmarks/results/inspect-<size>-<date>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+from bench_merge import (
+    DEFAULT_CHECKPOINTS,
+    DEFAULT_RESULTS,
+    GB,
+    REPO,
+    Inputs,
+    machine_info,
+    measure,
+    summarize,
+    transfer_config,
+)
+
+LABELS = {"transfer": "mergekit-yaml (finetuning_transfer)", "inspect": "ftt-inspect"}
+
+
+def commands(recipe: Path, workdir: Path, mergekit_args: list[str]) -> dict[str, list[str]]:
+    return {
+        "transfer": ["mergekit-yaml", str(recipe), str(workdir / "out"), "--quiet", *mergekit_args],
+        "inspect": [
+            "ftt-inspect", str(recipe), "--no-progress", "--json", str(workdir / "inspect.json")
+        ],
+    }  # fmt: skip
+
+
+def render(result: dict) -> str:
+    summary, machine = result["summary"], result["machine"]
+    merge_wall = summary["transfer"].get("wall_s")
+    lines = [
+        f"# ftt-inspect vs the transfer merge: {result['size']}, {result['started_utc']}",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM; "
+        f"shared with other jobs, load average "
+        f"{' / '.join(f'{x:.2f}' for x in result['load_average_start'])} at start, "
+        f"{' / '.join(f'{x:.2f}' for x in result['load_average_end'])} at end (1/5/15 min). "
+        f"torch {machine['torch']} ({machine['torch_threads']} threads), mergekit "
+        f"{machine['mergekit']}.",
+        "",
+        f"Inputs {result['input_bytes'] / GB:.2f} GB (three checkpoints). Median of "
+        f"{result['repeats']} alternating runs, each a fresh process, start-up included.",
+        "",
+        "| command | wall s | CPU s | peak RSS GB | of it anonymous GB | wall ÷ merge |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for variant, row in summary.items():
+        if "wall_s" not in row:
+            lines.append(f"| {LABELS[variant]} | – | – | – | – | {row.get('note', '')} |")
+            continue
+        ratio = f"{row['wall_s'] / merge_wall:.2f}" if merge_wall else "–"
+        lines.append(
+            f"| {LABELS[variant]} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
+            f"{row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} | {ratio} |"
+        )
+    lines += ["", f"Command: `{result['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("size", help="a size written by make_checkpoints.py (350m, 1b, llama3-8b)")
+    parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--workdir", type=Path, help="default: <checkpoints>/<size>/bench-inspect")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--mergekit-args", default="--out-shard-size 1B", help="extra mergekit-yaml options"
+    )
+    args = parser.parse_args(argv)
+    inputs = Inputs.for_size(args.checkpoints, args.size)
+    workdir = args.workdir or args.checkpoints / args.size / "bench-inspect"
+    workdir.mkdir(parents=True, exist_ok=True)
+    recipe = workdir / "transfer.yml"
+    recipe.write_text(yaml.safe_dump(transfer_config(inputs), sort_keys=False))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    variants = commands(recipe, workdir, args.mergekit_args.split())
+    started = dt.datetime.now(dt.timezone.utc)
+    result = {
+        "size": args.size,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average_start": os.getloadavg(),
+        "input_bytes": inputs.total_bytes,
+        "repeats": args.repeats,
+        "command": "python " + shlex.join(sys.argv),
+        "commands": variants,
+    }
+    runs: dict[str, list] = {variant: [] for variant in variants}
+    for round_index in range(args.repeats):
+        for variant, command in variants.items():
+            shutil.rmtree(workdir / "out", ignore_errors=True)
+            run = measure(variant, command, env, workdir / f"{variant}-{round_index}.log")
+            runs[variant].append(run)
+            print(
+                f"round {round_index + 1}: {variant}: {run.wall_s:.1f} s, anonymous "
+                f"{run.peak_anon_bytes / GB:.2f} GB {run.note}",
+                flush=True,
+            )
+    shutil.rmtree(workdir / "out", ignore_errors=True)
+    result["load_average_end"] = os.getloadavg()
+    result["runs"] = [vars(run) for variant_runs in runs.values() for run in variant_runs]
+    result["summary"] = {v: summarize(rs, inputs.total_bytes) for v, rs in runs.items()}
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"inspect-{args.size}-{result['started_utc'][:16].replace(':', '')}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(render(result))
+    print(render(result))
+    print(f"wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
