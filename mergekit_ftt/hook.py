@@ -51,7 +51,7 @@ def _check_before_run_merge(merge_module: ModuleType) -> None:
         from mergekit_ftt.outputs import copy_generation_config
         from mergekit_ftt.preflight import check_merge
 
-        check_merge(merge_config, out_path, options)
+        merge_config = check_merge(merge_config, out_path, options)
         result = run_merge(merge_config, out_path, options, *args, **kwargs)
         copy_generation_config(merge_config, out_path, options)
         return result

@@ -31,6 +31,26 @@ def numpy_reference(target, ft_a, ft_b, source_base, weight_a, weight_b) -> np.n
     return deltas + as_float64(target)
 
 
+# (significant bits, frexp exponent of the smallest normal number) of each output format.
+FORMATS = {torch.bfloat16: (8, -125), torch.float16: (11, -13), torch.float32: (24, -125)}
+
+
+def rounded(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """float64 values rounded once to ``dtype``, to nearest, ties to even, in NumPy.
+
+    Independent of torch's conversion (which goes through float32 for bf16/fp16): scale
+    each value so that the format's last kept bit is the units digit, round it with
+    ``np.rint`` (exact in float64, ties to even), scale back. Below the smallest normal
+    number the spacing stays that of the subnormals. The result is exactly representable,
+    so torch's final cast does not round.
+    """
+    bits, min_exponent = FORMATS[dtype]
+    _, exponent = np.frexp(values)
+    exponent = np.maximum(exponent, min_exponent)
+    exact = np.ldexp(np.rint(np.ldexp(values, bits - exponent)), exponent - bits)
+    return torch.from_numpy(exact).to(dtype)
+
+
 def transfer(tensors, **parameters):
     # mergekit binds a per-input mapping for every non-base input; the kernel reads
     # weights and densities of the fine-tuned inputs only.
@@ -57,24 +77,50 @@ def test_dense_transfer_is_float64_rounded_once(dtype, shape):
     expected = numpy_reference(*tensors, weights["ft_a"], weights["ft_b"])
     assert merged.dtype == dtype
     assert merged.shape == shape
-    assert torch.equal(merged, torch.from_numpy(expected).to(dtype))
+    assert torch.equal(merged, rounded(expected, dtype))
 
 
 def test_bf16_transfer_differs_from_bf16_task_arithmetic():
     """Why the method computes in float64: bf16 arithmetic mis-rounds many elements."""
     target, ft, _, source_base = random_inputs((256, 256), torch.bfloat16, seed=3)
-    exact = torch.from_numpy(numpy_reference(target, ft, ft, source_base, 1.0, 0.0))
+    exact = rounded(numpy_reference(target, ft, ft, source_base, 1.0, 0.0), torch.bfloat16)
     in_bf16 = target + (ft - source_base)
     merged = transfer([target, ft, ft, source_base], weight={"ft_a": 1.0, "ft_b": 0.0})
-    assert torch.equal(merged, exact.to(torch.bfloat16))
-    mis_rounded = (in_bf16 != exact.to(torch.bfloat16)).float().mean().item()
+    assert torch.equal(merged, exact)
+    mis_rounded = (in_bf16 != exact).float().mean().item()
     assert mis_rounded > 0.05
 
 
 def test_default_weight_is_one():
     tensors = random_inputs((4, 4), torch.float32)
     expected = numpy_reference(*tensors, 1.0, 1.0)
-    assert torch.equal(transfer(tensors), torch.from_numpy(expected).to(torch.float32))
+    assert torch.equal(transfer(tensors), rounded(expected, torch.float32))
+
+
+@pytest.mark.parametrize("output_dtype", [torch.bfloat16, torch.float16])
+def test_float32_deltas_rounded_once_to_a_narrower_output(output_dtype):
+    """A float32 delta on a narrow target, rounded to ``output_dtype`` in one step.
+
+    Half the deltas put the exact sum a hair above a midpoint of the output format, where
+    rounding through float32 lands on the midpoint and rounds down to even.
+    """
+    generator = torch.Generator().manual_seed(5)
+    target = torch.randn(4096, generator=generator).to(output_dtype)
+    bits, _ = FORMATS[output_dtype]
+    _, exponent = torch.frexp(target.to(torch.float64))
+    half_unit = torch.ldexp(torch.ones(4096, dtype=torch.float64), exponent - bits - 1)
+    hair = half_unit * 2.0**-20 * torch.where(torch.arange(4096) % 2 == 0, 1.0, -1.0)
+    # Small source-base values, so that float32 fine-tuned values can hold the hair.
+    source_base = torch.randn(4096, generator=generator) * 2.0**-14
+    finetuned = (source_base.to(torch.float64) + half_unit + hair).to(torch.float32)
+    tensors = [target, finetuned, finetuned, source_base]
+    name = str(output_dtype).removeprefix("torch.")
+    merged = transfer(tensors, weight={"ft_a": 1.0, "ft_b": 0.0}, output_dtype=name)
+    expected = rounded(numpy_reference(*tensors, 1.0, 0.0), output_dtype)
+    assert merged.dtype == output_dtype
+    assert torch.equal(merged, expected)
+    through_float32 = torch.from_numpy(numpy_reference(*tensors, 1.0, 0.0)).to(output_dtype)
+    assert (through_float32 != expected).sum() > 100  # the cases this test is about
 
 
 def numpy_magnitude_mask(delta: np.ndarray, density: float) -> np.ndarray:

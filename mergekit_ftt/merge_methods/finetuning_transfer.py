@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from enum import Enum
+from typing import Literal
 
 import click
 import torch
+from mergekit.common import dtype_from_name
 from mergekit.merge_methods.base import (
     BasePolicy,
     InputContract,
@@ -33,11 +35,16 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
 from mergekit_ftt import METHOD_NAME, PAPER_URL
 
-# Elements per float64 work chunk: a 16 MiB buffer, allocated once per tensor and reused
-# for each chunk, stays in the last-level cache, so every pass over a chunk runs at cache
-# speed and only the inputs and the output cross memory once; 2M elements rather than
-# fewer keeps thread barriers rare when -j > 1 (benchmarks/PROFILE.md has the numbers).
-CHUNK_ELEMENTS = 1 << 21
+# Elements per float64 work chunk: the three 8 MiB scratch buffers, allocated once per
+# tensor and reused for each chunk, stay in the 32 MiB last-level cache, so every pass over
+# a chunk runs at cache speed and only the inputs and the output cross memory once. Fewer
+# elements were faster on one thread but much slower with -j 2 on a busy machine, where
+# each torch op ends in an OpenMP barrier (benchmarks/PROFILE.md).
+CHUNK_ELEMENTS = 1 << 20
+
+
+# The floating-point dtypes mergekit reads by name (mergekit.common.dtype_from_name).
+OutputDtype = Literal["float64", "float32", "bfloat16", "float16"]
 
 
 class Role(str, Enum):
@@ -84,36 +91,70 @@ def split_roles(roles: Mapping[Hashable, object]) -> tuple[Hashable, list[Hashab
     return bases[0], finetuned
 
 
+# Significant bits (the implicit one included) of the formats narrower than float32.
+_SIGNIFICANT_BITS = {torch.bfloat16: 8, torch.float16: 11}
+
+
+def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Write float64 ``value`` into ``out``, rounded once to nearest, ties to even.
+
+    torch converts float64 to bfloat16 or float16 through float32, which rounds twice: a
+    value just above a bf16 midpoint can land exactly on it in float32 and then round down
+    to even. So ``value`` is first rounded *to odd* at two bits more than the output keeps
+    (drop the low mantissa bits, and set the lowest kept bit if any dropped bit was set):
+    that is exact in float32, and rounding it to nearest in the output format then equals
+    rounding ``value`` once (Boldo & Melquiond, "Emulation of FMA and correctly rounded
+    sums: proved algorithms using rounding to odd", 2008). All of it is in-place integer
+    work on float64 bit patterns, which torch runs at copy speed.
+
+    ``value`` (float64, contiguous) is overwritten; ``scratch`` is float64 of its size.
+    """
+    bits = _SIGNIFICANT_BITS.get(out.dtype)
+    if bits is not None:
+        dropped = 53 - (bits + 2)
+        mask = (1 << dropped) - 1
+        value_bits = value.view(torch.int64)
+        low = scratch.copy_(value).view(torch.int64).bitwise_and_(mask)
+        value_bits.bitwise_xor_(low)  # truncated towards zero
+        value_bits.bitwise_or_(low.add_(mask).bitwise_and_(1 << dropped))  # sticky bit
+    out.copy_(value)
+
+
 def _dense_transfer(
     target: torch.Tensor,
     source_base: torch.Tensor,
     finetuned: list[torch.Tensor],
     weights: list[float],
+    output_dtype: torch.dtype,
 ) -> torch.Tensor:
-    out = torch.empty_like(target, memory_format=torch.contiguous_format)
+    out = torch.empty(target.shape, dtype=output_dtype, device=target.device)
     flat_out = out.view(-1)
     flat_base = source_base.reshape(-1)
     flat_target = target.reshape(-1)
     flat_finetuned = [tensor.reshape(-1) for tensor in finetuned]
-    # Scratch allocated once per tensor; the in-place ops on mixed dtypes compute in
-    # float64 and convert the bf16/fp16 operand on the fly, so no float64 copy of an
-    # input chunk is ever made. The operations and their order are those of
-    # w₁·(ft₁ − sb) + w₂·(ft₂ − sb) + … + target in float64, rounded once by the last copy_.
+    # float64 scratch allocated once per tensor and reused for each chunk. Every input
+    # chunk is first copied into it (a widening copy is exact and fast; arithmetic with a
+    # bf16 operand is several times slower in torch), so all arithmetic is float64 on
+    # float64, in the order of w₁·(ft₁ − sb) + w₂·(ft₂ − sb) + … + target, and
+    # round_once rounds the sum to the output dtype once.
     size = min(CHUNK_ELEMENTS, flat_out.numel())
-    delta_sum = torch.empty(size, dtype=torch.float64, device=target.device)
-    delta = torch.empty_like(delta_sum) if len(finetuned) > 1 else None
+    delta_sum, base, scratch = (
+        torch.empty(size, dtype=torch.float64, device=target.device) for _ in range(3)
+    )
     for start in range(0, flat_out.numel(), CHUNK_ELEMENTS):
         window = slice(start, start + CHUNK_ELEMENTS)
         count = min(CHUNK_ELEMENTS, flat_out.numel() - start)
-        chunk_sum = delta_sum[:count]
+        chunk_sum, chunk_base, chunk_scratch = delta_sum[:count], base[:count], scratch[:count]
+        chunk_base.copy_(flat_base[window])
         for index, (tensor, weight) in enumerate(zip(flat_finetuned, weights, strict=True)):
-            chunk_delta = delta[:count] if index else chunk_sum
-            chunk_delta.copy_(tensor[window]).sub_(flat_base[window])
+            chunk_delta = chunk_scratch if index else chunk_sum
+            chunk_delta.copy_(tensor[window]).sub_(chunk_base)
             if weight != 1.0:
                 chunk_delta.mul_(weight)
             if index:
                 chunk_sum.add_(chunk_delta)
-        flat_out[window].copy_(chunk_sum.add_(flat_target[window]))
+        chunk_sum.add_(chunk_scratch.copy_(flat_target[window]))
+        round_once(chunk_sum, flat_out[window], chunk_scratch)
     return out
 
 
@@ -157,7 +198,7 @@ def _sparse_transfer(
     mixed = deltas.sum(dim=0)
     if normalize:
         mixed /= torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return (target.to(torch.float32) + mixed).to(target.dtype)
+    return target.to(torch.float32) + mixed
 
 
 @merge_method(
@@ -177,22 +218,27 @@ def finetuning_transfer(
     consensus_method: ConsensusMethod | None = None,
     rescale: bool = False,
     normalize: bool = False,
+    output_dtype: OutputDtype | None = None,
 ) -> torch.Tensor:
     """Transfer the deltas ``finetuned − source_base`` onto the target (the base input).
 
     ``weight``, ``density``, ``epsilon`` and ``gamma`` are read for ``source_finetuned``
     inputs only; ``density``/``epsilon``/``gamma``/``rescale`` take effect with a
     ``sparsification_method``, ``normalize`` divides by the summed (sign-elected)
-    weights as in TIES.
+    weights as in TIES. ``output_dtype`` is the dtype the result is rounded to, once
+    (default: the dtype the inputs arrive in). mergekit-ftt sets it from the recipe's
+    ``out_dtype`` (else ``dtype``) before a merge: mergekit would otherwise round the
+    kernel's result a second time when it writes ``out_dtype``.
     """
     source_base_id, finetuned_ids = split_roles(role)
     entries = {entry.id: entry.tensor for entry in group.non_base}
     target = group.base.tensor
     finetuned = [entries[model] for model in finetuned_ids]
     weights = [weight[model] for model in finetuned_ids]
+    rounded_to = dtype_from_name(output_dtype) or target.dtype
     if sparsification_method is None and consensus_method is None and not normalize:
-        return _dense_transfer(target, entries[source_base_id], finetuned, weights)
-    return _sparse_transfer(
+        return _dense_transfer(target, entries[source_base_id], finetuned, weights, rounded_to)
+    merged = _sparse_transfer(
         target,
         entries[source_base_id],
         finetuned,
@@ -205,3 +251,4 @@ def finetuning_transfer(
         epsilon=[epsilon[model] for model in finetuned_ids],
         gamma=[gamma[model] for model in finetuned_ids],
     )
+    return merged.to(rounded_to)
