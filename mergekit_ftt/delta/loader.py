@@ -24,6 +24,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from types import ModuleType
 
+import torch
+
 from mergekit_ftt.delta.format import DeltaFolder, is_delta_folder
 
 _OPEN: dict[str, DeltaFolder] = {}
@@ -105,3 +107,68 @@ def install(common: ModuleType) -> None:
 
     lazy_loader._ftt_delta = True
     reference_class.lazy_loader = lazy_loader
+
+
+@dataclass(frozen=True)
+class StoredDelta:
+    """A ``role: delta`` input as ``finetuning_transfer`` uses it: Δ as mergekit loaded it
+    (possibly cut to the output's vocabulary rows) and, from its folder, the exact values
+    of the elements stored rounded and the rows that hold the fine-tuned model's own
+    values (tokens the base lacks: they are copied to the output as they are)."""
+
+    tensor: torch.Tensor
+    exact_index: torch.Tensor | None = None  # flat, ascending, int64
+    exact_value: torch.Tensor | None = None  # float64
+    full_rows: tuple[int, ...] = ()
+
+    def correct(self, chunk: torch.Tensor, start: int) -> None:
+        """Overwrite the rounded elements of ``chunk`` (flat elements from ``start``)."""
+        if self.exact_index is None:
+            return
+        bounds = torch.tensor([start, start + chunk.numel()], dtype=torch.int64)
+        low, high = torch.searchsorted(self.exact_index, bounds).tolist()
+        if high > low:
+            chunk[self.exact_index[low:high] - start] = self.exact_value[low:high].to(chunk.dtype)
+
+    def exact(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The whole Δ in ``dtype``, corrections applied."""
+        tensor = self.tensor.to(dtype, copy=True)
+        self.correct(tensor.view(-1), 0)
+        return tensor
+
+    def exact_rows(self) -> torch.Tensor:
+        """The full rows, float64, corrections applied: ``[len(full_rows), row elements]``."""
+        rows = self.tensor.reshape(self.tensor.shape[0], -1)[list(self.full_rows)]
+        values = rows.to(torch.float64)
+        if self.exact_index is not None:
+            row_elements = rows.shape[1]
+            position = {row: index for index, row in enumerate(self.full_rows)}
+            owner = torch.div(self.exact_index, row_elements, rounding_mode="floor")
+            hit = torch.isin(owner, torch.tensor(self.full_rows, dtype=torch.int64))
+            for flat, value in zip(
+                self.exact_index[hit].tolist(), self.exact_value[hit].tolist(), strict=True
+            ):
+                values[position[flat // row_elements], flat % row_elements] = value
+        return values
+
+
+def stored_delta(model: Hashable, tensor: torch.Tensor, name: str | None) -> StoredDelta:
+    """What the kernel needs of delta input ``model`` for the loaded ``tensor`` ``name``.
+
+    The loaded tensor can have fewer rows than stored (mergekit keeps the rows of the
+    tokenizer's vocabulary); rows keep their index, so corrections and full rows beyond
+    the loaded rows are dropped. Without its folder (a tensor given directly to
+    ``merge_tensors``) the tensor is taken as Δ itself.
+    """
+    folder = delta_for(model)
+    if folder is None or name not in folder.config.tensors:
+        return StoredDelta(tensor)
+    info = folder.info(name)
+    rows = tensor.shape[0] if tensor.dim() else 1
+    full_rows = tuple(row for row in info.full_rows if row < rows)
+    corrections = folder.corrections(name)
+    if corrections is None:
+        return StoredDelta(tensor, full_rows=full_rows)
+    index, value = corrections
+    inside = index < tensor.numel()
+    return StoredDelta(tensor, index[inside], value[inside], full_rows)
