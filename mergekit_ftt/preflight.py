@@ -21,6 +21,8 @@ from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from mergekit_ftt import METHOD_NAME
+from mergekit_ftt.delta.checks import check_delta_inputs, delta_headers, refuse_in_other_methods
+from mergekit_ftt.delta.format import DeltaError
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError, split_roles
 from mergekit_ftt.precision import plan_precision
 
@@ -33,6 +35,7 @@ def check_merge(
     """Raise :class:`FinetuningTransferError` if this merge cannot succeed as configured;
     return the configuration to run (its precision chosen by :mod:`mergekit_ftt.precision`)."""
     if config.merge_method != METHOD_NAME:
+        _as_merge_error(refuse_in_other_methods, config.referenced_models())
         return config
     check_output_path(out_path)
     target = config.base_model
@@ -42,13 +45,17 @@ def check_merge(
             "receives the transferred delta."
         )
     roles = _configured_roles(config, target)
-    source_base, finetuned = split_roles(roles)
-    models = [target, source_base, *finetuned]
+    inputs = split_roles(roles)
+    parameters = {model: parameters or {} for model, parameters in _inputs(config)}
+    _as_merge_error(check_delta_inputs, config, target, roles, parameters, options)
+    models = [target, *filter(None, [inputs.source_base]), *inputs.deltas]
     configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
     _check_architectures(configs)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
-    headers = {model: _tensor_headers(model, options) for model in models}
-    _check_tensors(configs, finetuned, headers, allow_vocabulary)
+    headers = {
+        model: delta_headers(model, options) or _tensor_headers(model, options) for model in models
+    }
+    _check_tensors(configs, inputs.deltas, headers, allow_vocabulary)
     plan = plan_precision(
         config,
         {model: {dtype for _, dtype in header.values()} for model, header in headers.items()},
@@ -56,6 +63,14 @@ def check_merge(
     if plan.message:
         print(plan.message, file=sys.stderr)
     return plan.config
+
+
+def _as_merge_error(check, *args) -> None:
+    """Run a delta check; its :class:`DeltaError` reaches the user as mergekit's ``Error:``."""
+    try:
+        check(*args)
+    except DeltaError as error:
+        raise FinetuningTransferError(str(error)) from None
 
 
 def check_output_path(out_path: str) -> None:
@@ -82,8 +97,9 @@ def _configured_roles(config: MergeConfiguration, target: ModelReference) -> dic
         if role is None:
             raise FinetuningTransferError(
                 f"model {model} has no role: give it `parameters: {{role: source_finetuned}}` "
-                f"(a fine-tuned model whose delta is transferred) or "
-                f"`parameters: {{role: source_base}}` (the model it was fine-tuned from)."
+                f"(a fine-tuned model whose delta is transferred), "
+                f"`parameters: {{role: source_base}}` (the model it was fine-tuned from) or "
+                f"`parameters: {{role: delta}}` (a delta folder from ftt-delta extract)."
             )
         if roles.get(model, role) != role:
             raise FinetuningTransferError(f"model {model} is listed with two roles.")

@@ -1,0 +1,209 @@
+"""Checks of ``role: delta`` inputs before a merge reads a weight or writes a file.
+
+The preflight (:mod:`mergekit_ftt.preflight`) calls :func:`check_delta_inputs` for every
+``finetuning_transfer`` merge. A delta is refused, naming the delta, the target and the
+fix, when its format version is unknown, its files do not match ``delta_config.json``
+(size, header or sha256), it was taken from another architecture or other shapes than
+the target's, its input also names a ``source_base``, or its vocabulary rows would not
+line up with the output's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+
+from mergekit_ftt.delta.format import DeltaConfig, DeltaError, is_delta_folder
+from mergekit_ftt.delta.loader import open_delta
+
+_SAFETENSORS_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+
+
+def local_folder(model: ModelReference, options: MergeOptions) -> str | None:
+    """The model's local folder, downloading a Hub model's files as mergekit would."""
+    if model.lora is not None:
+        return None
+    return model.local_path(options.transformers_cache)
+
+
+def delta_headers(
+    model: ModelReference, options: MergeOptions
+) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """Shape and safetensors dtype name of each tensor mergekit will load from a delta
+    folder (the decoded tensors), or None when ``model`` is not a delta folder."""
+    folder = local_folder(model, options)
+    if folder is None or not is_delta_folder(folder):
+        return None
+    config = open_delta(folder).config
+    dtype = _SAFETENSORS_NAMES[config.encoding.dtype]
+    return {name: (tuple(info.shape), dtype) for name, info in config.tensors.items()}
+
+
+def check_delta_inputs(
+    config: MergeConfiguration,
+    target: ModelReference,
+    roles: Mapping[ModelReference, str],
+    parameters: Mapping[ModelReference, dict],
+    options: MergeOptions,
+) -> None:
+    """Raise :class:`DeltaError` for a delta input that cannot be applied to ``target``."""
+    target_folder = local_folder(target, options)
+    if target_folder is not None and is_delta_folder(target_folder):
+        raise DeltaError(
+            f"base_model {target} is a delta folder; base_model is the target model that "
+            f"receives the delta. Give the delta as an input with `role: delta`."
+        )
+    for model, role in roles.items():
+        folder = local_folder(model, options)
+        is_delta = folder is not None and is_delta_folder(folder)
+        if role == "delta" and not is_delta:
+            raise DeltaError(
+                f"{model} has `role: delta` but is not a delta folder (no delta_config.json). "
+                "Make one with `ftt-delta extract`, or give a fine-tuned model "
+                "`role: source_finetuned` together with its `role: source_base`."
+            )
+        if role != "delta" and is_delta:
+            raise DeltaError(
+                f"{model} is a delta folder; give it `parameters: {{role: delta}}` (it "
+                "already holds fine-tuned − base, so it takes no source_base)."
+            )
+        if not is_delta:
+            continue
+        if "source_base" in (parameters.get(model) or {}):
+            raise DeltaError(
+                f"{model} has `role: delta` and a `source_base`: a delta already holds "
+                "fine-tuned − base. Remove `source_base` from its parameters (or give the "
+                "fine-tuned model itself with `role: source_finetuned`)."
+            )
+        delta = open_delta(folder)
+        delta.check_files(hashes=True)
+        target_config = target.config(trust_remote_code=options.trust_remote_code)
+        vocabulary = _vocabulary_tensors(delta.config, target_config)
+        _check_against_target(delta.config, str(model), target, target_config, vocabulary, options)
+        _check_vocabulary_alignment(
+            config, model, delta.config, vocabulary, target, target_config, roles, options
+        )
+
+
+def _check_against_target(
+    delta: DeltaConfig,
+    name: str,
+    target: ModelReference,
+    target_config,
+    vocabulary: set[str],
+    options: MergeOptions,
+) -> None:
+    from safetensors import safe_open
+
+    source = f"{delta.finetuned.model} − {delta.base.model}"
+    found = (target_config.model_type, list(target_config.architectures or []))
+    if found != (delta.model_type, delta.architectures):
+        raise DeltaError(
+            f"delta {name} ({source}) is a {delta.model_type} "
+            f"({', '.join(delta.architectures)}) delta but target {target} is {found[0]} "
+            f"({', '.join(found[1])}). A delta only applies to a target of the architecture "
+            "it was extracted from."
+        )
+    index = target.tensor_index(options.transformers_cache)
+    shapes = {}
+    for shard in set(index.tensor_paths.values()):
+        if shard.endswith(".safetensors"):
+            with safe_open(os.path.join(index.base_path, shard), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shapes[key] = list(handle.get_slice(key).get_shape())
+    for tensor_name, info in delta.tensors.items():
+        shape = shapes.get(tensor_name)
+        if shape is None or shape == info.shape:
+            continue
+        if tensor_name in vocabulary and shape[1:] == info.shape[1:]:
+            continue  # rows are matched by token (see _check_vocabulary_alignment)
+        raise DeltaError(
+            f"{tensor_name} is {info.shape} in delta {name} ({source}) but {shape} in target "
+            f"{target}. A delta only applies to a target of the same shapes: this target is "
+            "another model size or configuration."
+        )
+
+
+def _vocabulary_tensors(delta: DeltaConfig, target_config) -> set[str]:
+    """Tensors whose rows are vocabulary: marked at extraction, or whose row counts are
+    the two vocabulary sizes."""
+    vocabulary_sizes = {
+        delta.source_config.get("vocab_size"),
+        target_config.get_text_config().vocab_size,
+    }
+    return {
+        name
+        for name, info in delta.tensors.items()
+        if info.vocabulary_axis == 0 or (info.shape and info.shape[0] in vocabulary_sizes)
+    }
+
+
+def _check_vocabulary_alignment(
+    config: MergeConfiguration,
+    model: ModelReference,
+    delta: DeltaConfig,
+    vocabulary_names: set[str],
+    target: ModelReference,
+    target_config,
+    roles: Mapping[ModelReference, str],
+    options: MergeOptions,
+) -> None:
+    """A delta's stored rows are in its own (the fine-tuned model's) token order. Where the
+    output's rows differ from the target's, or the delta holds full rows or exact
+    corrections of vocabulary rows, its rows must reach the method unpermuted: the delta
+    must be the tokenizer source, or its vocabulary must be the output's."""
+    source = _tokenizer_source(config)
+    target_rows = target_config.get_text_config().vocab_size
+    vocabulary = [delta.tensors[name] for name in sorted(vocabulary_names)]
+    rows_differ = any(info.shape[0] != target_rows for info in vocabulary)
+    needs_order = rows_differ or any(info.full_rows or info.corrections for info in vocabulary)
+    if source is None:
+        if rows_differ:
+            raise DeltaError(
+                f"delta {model} has {vocabulary[0].shape[0]} vocabulary rows but target "
+                f"{target} has {target_rows}: add `tokenizer: {{source: {model}}}` to the "
+                "recipe so that rows are matched by token, and the fine-tuned model's "
+                "tokenizer and chat template (stored in the delta) are used."
+            )
+        return
+    if not needs_order or source == model:
+        return
+    others = [target, *roles] if source == "union" else [target if source == "base" else source]
+    own = _vocabulary(model, options)
+    for other in others:
+        if other != model and _vocabulary(other, options) != own:
+            raise DeltaError(
+                f"delta {model} stores vocabulary rows in its own token order, which differs "
+                f"from {other}'s; the recipe's tokenizer source ({source}) would reorder them. "
+                f"Use `tokenizer: {{source: {model}}}`."
+            )
+
+
+def _tokenizer_source(config: MergeConfiguration):
+    if config.tokenizer is not None:
+        return config.tokenizer.source
+    return config.tokenizer_source
+
+
+def _vocabulary(model: ModelReference, options: MergeOptions) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        local_folder(model, options), trust_remote_code=options.trust_remote_code
+    ).get_vocab()
+
+
+def refuse_in_other_methods(models: Iterable[ModelReference]) -> None:
+    """A delta folder is not a model: only ``finetuning_transfer`` can apply it."""
+    for model in models:
+        path = str(model.model.path)
+        if os.path.isdir(path) and is_delta_folder(path):
+            raise DeltaError(
+                f"{model} is a delta folder (fine-tuned − base), not a model; only "
+                "`merge_method: finetuning_transfer` applies it, as an input with "
+                "`parameters: {role: delta}`."
+            )
