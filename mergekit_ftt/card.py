@@ -56,6 +56,7 @@ def _link(model: str) -> str:
 def transfer_card(config: MergeConfiguration, config_yaml: str, name: str) -> str:
     """The card of a ``finetuning_transfer`` output."""
     from mergekit_ftt.delta.format import is_delta_folder, read_config
+    from mergekit_ftt.preflight import _inputs
 
     target = str(config.base_model.model) if config.base_model else "?"
     source_base = next(
@@ -86,11 +87,10 @@ def transfer_card(config: MergeConfiguration, config_yaml: str, name: str) -> st
         "---",
         f"# {name}",
         "",
-        f"This model is {_link(target)} plus the fine-tuning delta(s) below, made with "
-        f"[fine-tuning transfer]({PAPER_URL}) (Lin et al., 2025): the `{METHOD_NAME}` merge "
-        f"method of mergekit-ftt, run by [mergekit]({PROJECT_URL}). Every tensor is "
-        "target + Σ α · (fine-tuned − its base), computed in float64 and rounded once "
-        f"to {dtype}.",
+        f"This model is {_link(target)} plus the fine-tuning delta(s) below, merged with the "
+        f"[Fine-tuning Transfer]({PAPER_URL}) method (Lin et al., 2025; `{METHOD_NAME}` from "
+        f"mergekit-ftt) using [mergekit]({PROJECT_URL}). Every tensor is target + Σ α · "
+        f"(fine-tuned − its base), computed in float64 and rounded once to {dtype}.",
         "",
         f"- **Target (base model):** {_link(target)}",
         f"- **Tokenizer and chat template:** {tokenizer}",
@@ -107,14 +107,6 @@ def transfer_card(config: MergeConfiguration, config_yaml: str, name: str) -> st
         "",
     ]
     return "\n".join(lines)
-
-
-def _inputs(config: MergeConfiguration):
-    for model_in in config.models or []:
-        yield model_in.model, model_in.parameters
-    for output_slice in config.slices or []:
-        for source in output_slice.sources:
-            yield source.model, source.parameters
 
 
 def _alpha(weight) -> str:

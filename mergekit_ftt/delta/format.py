@@ -266,7 +266,9 @@ class DeltaFolder:
     def _check_hashes(self) -> None:
         names = list(self.config.files)
         with ThreadPoolExecutor(max_workers=min(4, len(names) or 1)) as pool:
-            digests = dict(zip(names, pool.map(lambda n: file_sha256(self.path / n), names)))
+            digests = dict(
+                zip(names, pool.map(lambda n: file_sha256(self.path / n), names), strict=True)
+            )
         for name, digest in digests.items():
             if digest != self.config.files[name].sha256:
                 raise DeltaError(
