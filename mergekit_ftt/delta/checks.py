@@ -170,17 +170,32 @@ def _check_vocabulary_alignment(
                 "tokenizer and chat template (stored in the delta) are used."
             )
         return
-    if not needs_order or source == model:
+    if source == model:
         return
-    others = [target, *roles] if source == "union" else [target if source == "base" else source]
     own = _vocabulary(model, options)
-    for other in others:
-        if other != model and _vocabulary(other, options) != own:
+    if source == "union":
+        others = [target, *roles]
+        if any(_vocabulary(other, options) != own for other in others if other != model):
             raise DeltaError(
-                f"delta {model} stores vocabulary rows in its own token order, which differs "
-                f"from {other}'s; the recipe's tokenizer source ({source}) would reorder them. "
-                f"Use `tokenizer: {{source: {model}}}`."
+                f"delta {model}: with `tokenizer: {{source: union}}` the output's vocabulary "
+                f"differs from the delta's, and mergekit would reorder or fill its rows. Use "
+                f"`tokenizer: {{source: {model}}}`."
             )
+        return
+    output = _vocabulary(target if source == "base" else source, options)
+    missing = [token for token in output if token not in own]
+    if missing:
+        raise DeltaError(
+            f"delta {model} lacks {len(missing)} token(s) of the output's vocabulary (the "
+            f"tokenizer source {source}), e.g. {', '.join(map(repr, missing[:3]))}: mergekit "
+            "would fill the delta's rows for them with another model's embedding, which would "
+            f"be added as a delta. Use `tokenizer: {{source: {model}}}`."
+        )
+    if needs_order and any(own[token] != index for token, index in output.items()):
+        raise DeltaError(
+            f"delta {model} stores exact vocabulary rows in its own token order, which the "
+            f"tokenizer source {source} would change. Use `tokenizer: {{source: {model}}}`."
+        )
 
 
 def _tokenizer_source(config: MergeConfiguration):

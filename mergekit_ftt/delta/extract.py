@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from mergekit_ftt import __version__
-from mergekit_ftt.delta.encode import encoder_for, rows_per_block
+from mergekit_ftt.delta.encode import BLOCK_ELEMENTS, encoder_for, rows_per_block
 from mergekit_ftt.delta.format import (
     CONFIG_FILE,
     FULL_ROWS,
@@ -71,19 +72,22 @@ class ExtractOptions:
     hash_sources: bool = True
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        if self.compress not in COMPRESSIONS:
+            raise DeltaError(f"unknown compression {self.compress!r}; choose {COMPRESSIONS}.")
+        sparse = self.compress in ("magnitude", "dare")
+        if sparse and (self.density is None or not 0 < self.density <= 1):
+            raise DeltaError(
+                f"--compress {self.compress} needs --density in (0, 1], the fraction of "
+                "elements kept (e.g. --density 0.1)."
+            )
+
     def encoding(self, source_dtype: str) -> Encoding:
         dtype = self.dtype or source_dtype
         if self.compress == "none":
             return Encoding(kind="dense", dtype=dtype, exact=self.exact)
         if self.compress == "sign":
             return Encoding(kind="sign", dtype=dtype, scale=self.scale)
-        if self.density is None or not 0 < self.density <= 1:
-            raise DeltaError(
-                f"--compress {self.compress} needs --density in (0, 1], the fraction of "
-                "elements kept (e.g. --density 0.1)."
-            )
-        from mergekit_ftt.delta.encode import BLOCK_ELEMENTS
-
         random = self.compress == "dare"
         return Encoding(
             kind="sparse",
@@ -167,8 +171,9 @@ class Source:
             weights_sha256 = hashlib.sha256(lines.encode()).hexdigest()
         parts = self.path.parts
         commit = parts[-1] if len(parts) > 2 and parts[-2] == "snapshots" else None
+        given = self.reference.model.path
         return SourceModel(
-            model=self.reference.model.path,
+            model=os.path.abspath(given) if Path(given).exists() else given,
             revision=self.reference.model.revision,
             commit=commit,
             weights_sha256=weights_sha256,
@@ -489,6 +494,7 @@ def _extract_tensors(
         hasher.shutdown(wait=True)
     progress("writing the last shard and hashing the files")
     owners, files = writer.finish()
+    infos = {name: infos[name] for name in plan.tensors}  # the model's order, not the files'
     for name, info in infos.items():
         for suffix, component in info.components.items():
             component.file = owners[name + suffix]
@@ -509,7 +515,7 @@ def _encode_tensor(
     full_rows = [] if row_map is None else row_map.lt(0).nonzero().squeeze(1).tolist()
     compressed = encoding.kind != "dense"
     squared_norm = 0.0
-    step = rows_per_block(row_elements, encoding.block_elements or 1 << 24)
+    step = rows_per_block(row_elements, encoding.block_elements or BLOCK_ELEMENTS)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = ft_rows[start:stop].to(torch.float64)

@@ -18,6 +18,7 @@ rounded, and which vocabulary rows hold the fine-tuned model's own values.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections.abc import Hashable
@@ -170,5 +171,7 @@ def stored_delta(model: Hashable, tensor: torch.Tensor, name: str | None) -> Sto
     if corrections is None:
         return StoredDelta(tensor, full_rows=full_rows)
     index, value = corrections
-    inside = index < tensor.numel()
-    return StoredDelta(tensor, index[inside], value[inside], full_rows)
+    if tensor.numel() < math.prod(info.shape):  # rows cut to the output's vocabulary
+        inside = index < tensor.numel()
+        index, value = index[inside], value[inside]
+    return StoredDelta(tensor, index, value, full_rows)
