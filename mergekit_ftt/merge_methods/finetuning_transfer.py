@@ -104,7 +104,7 @@ def split_roles(roles: Mapping[Hashable, object]) -> Roles:
             f"source_finetuned`. A `role: delta` input already holds fine-tuned − base "
             f"({', '.join(str(d) for d in stored)}); remove the source_base entry."
         )
-    if finetuned and len(bases) != 1 or len(bases) > 1:
+    if (finetuned and len(bases) != 1) or len(bases) > 1:
         found = "none" if not bases else ", ".join(str(b) for b in bases)
         raise FinetuningTransferError(
             f"{METHOD_NAME} needs exactly one model with `role: source_base` (the model the "
