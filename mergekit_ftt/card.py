@@ -56,14 +56,15 @@ def _link(model: str) -> str:
 def transfer_card(config: MergeConfiguration, config_yaml: str, name: str) -> str:
     """The card of a ``finetuning_transfer`` output."""
     from mergekit_ftt.delta.format import is_delta_folder, read_config
-    from mergekit_ftt.preflight import _inputs
+    from mergekit_ftt.preflight.recipe import model_entries
 
     target = str(config.base_model.model) if config.base_model else "?"
     source_base = next(
-        (str(m.model) for m, p in _inputs(config) if (p or {}).get("role") == "source_base"), "?"
+        (str(m.model) for m, p in model_entries(config) if (p or {}).get("role") == "source_base"),
+        "?",
     )
     rows = []
-    for model, parameters in _inputs(config):
+    for model, parameters in model_entries(config):
         parameters = parameters or {}
         role, alpha = parameters.get("role"), _alpha(parameters.get("weight", 1.0))
         path = str(model.model)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import load_weights, run_cli
+from helpers import load_weights, run_cli
 
 from mergekit_ftt.delta.info import module_of, open_and_describe
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
 from mergekit_ftt.tiny import save_random_model, tiny_config

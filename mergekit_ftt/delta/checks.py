@@ -13,14 +13,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+import torch
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_ftt.delta.format import DeltaConfig, DeltaError, is_delta_folder
 from mergekit_ftt.delta.loader import open_delta
-
-_SAFETENSORS_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+from mergekit_ftt.preflight.checkpoints import StoredCheckpoint, StoredTensor
+from mergekit_ftt.preflight.recipe import model_entries
 
 
 def local_folder(model: ModelReference, options: MergeOptions) -> str | None:
@@ -30,55 +31,80 @@ def local_folder(model: ModelReference, options: MergeOptions) -> str | None:
     return model.local_path(options.transformers_cache)
 
 
-def delta_headers(
-    model: ModelReference, options: MergeOptions
-) -> dict[str, tuple[tuple[int, ...], str]] | None:
-    """Shape and safetensors dtype name of each tensor mergekit will load from a delta
-    folder (the decoded tensors), or None when ``model`` is not a delta folder."""
+def delta_checkpoint(model: ModelReference, options: MergeOptions) -> StoredCheckpoint | None:
+    """The tensors mergekit will load from a delta folder (decoded: the model's names and
+    shapes, the stored dtype of Δ), or None when ``model`` is not a delta folder."""
     folder = local_folder(model, options)
     if folder is None or not is_delta_folder(folder):
         return None
     config = open_delta(folder).config
-    dtype = _SAFETENSORS_NAMES[config.encoding.dtype]
-    return {name: (tuple(info.shape), dtype) for name, info in config.tensors.items()}
+    dtype = getattr(torch, config.encoding.dtype)
+    return StoredCheckpoint(
+        model=model,
+        folder=folder,
+        tensors={
+            name: StoredTensor(tuple(info.shape), dtype, next(iter(info.components.values())).file)
+            for name, info in config.tensors.items()
+        },
+    )
+
+
+def _is_local_delta(model: ModelReference) -> bool:
+    path = str(model.model.path)
+    return model.lora is None and os.path.isdir(path) and is_delta_folder(path)
+
+
+def check_delta_roles(
+    config: MergeConfiguration, target: ModelReference, roles: Mapping[ModelReference, str]
+) -> None:
+    """The recipe's part: delta folders have `role: delta` and no `source_base` of their
+    own, and nothing else is given that role (local folders; Hub ones once downloaded)."""
+    if _is_local_delta(target):
+        raise DeltaError(
+            f"base_model {target} is a delta folder; base_model is the target model that "
+            f"receives the delta. Give the delta as an input with `role: delta`."
+        )
+    for model, parameters in model_entries(config):
+        if roles.get(model) == "delta" and "source_base" in (parameters or {}):
+            raise DeltaError(
+                f"{model} has `role: delta` and a `source_base`: a delta already holds "
+                "fine-tuned − base. Remove `source_base` from its parameters (or give the "
+                "fine-tuned model itself with `role: source_finetuned`)."
+            )
+    for model, role in roles.items():
+        if os.path.exists(str(model.model.path)):
+            _check_role(model, role, _is_local_delta(model))
+
+
+def _check_role(model: ModelReference, role: str, is_delta: bool) -> None:
+    if role == "delta" and not is_delta:
+        raise DeltaError(
+            f"{model} has `role: delta` but is not a delta folder (no delta_config.json). "
+            "Make one with `ftt-delta extract`, or give a fine-tuned model "
+            "`role: source_finetuned` together with its `role: source_base`."
+        )
+    if role != "delta" and is_delta:
+        raise DeltaError(
+            f"{model} is a delta folder; give it `parameters: {{role: delta}}` (it "
+            "already holds fine-tuned − base, so it takes no source_base)."
+        )
 
 
 def check_delta_inputs(
     config: MergeConfiguration,
     target: ModelReference,
     roles: Mapping[ModelReference, str],
-    parameters: Mapping[ModelReference, dict],
     options: MergeOptions,
 ) -> None:
-    """Raise :class:`DeltaError` for a delta input that cannot be applied to ``target``."""
-    target_folder = local_folder(target, options)
-    if target_folder is not None and is_delta_folder(target_folder):
-        raise DeltaError(
-            f"base_model {target} is a delta folder; base_model is the target model that "
-            f"receives the delta. Give the delta as an input with `role: delta`."
-        )
+    """Raise :class:`DeltaError` for a delta input that cannot be applied to ``target``:
+    unknown format version, files that do not match ``delta_config.json``, another
+    architecture or shape than the target's, vocabulary rows that would not line up."""
     for model, role in roles.items():
         folder = local_folder(model, options)
         is_delta = folder is not None and is_delta_folder(folder)
-        if role == "delta" and not is_delta:
-            raise DeltaError(
-                f"{model} has `role: delta` but is not a delta folder (no delta_config.json). "
-                "Make one with `ftt-delta extract`, or give a fine-tuned model "
-                "`role: source_finetuned` together with its `role: source_base`."
-            )
-        if role != "delta" and is_delta:
-            raise DeltaError(
-                f"{model} is a delta folder; give it `parameters: {{role: delta}}` (it "
-                "already holds fine-tuned − base, so it takes no source_base)."
-            )
+        _check_role(model, role, is_delta)
         if not is_delta:
             continue
-        if "source_base" in (parameters.get(model) or {}):
-            raise DeltaError(
-                f"{model} has `role: delta` and a `source_base`: a delta already holds "
-                "fine-tuned − base. Remove `source_base` from its parameters (or give the "
-                "fine-tuned model itself with `role: source_finetuned`)."
-            )
         delta = open_delta(folder)
         delta.check_files(hashes=True)
         target_config = target.config(trust_remote_code=options.trust_remote_code)
