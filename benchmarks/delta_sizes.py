@@ -23,7 +23,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 
 from make_checkpoints import SIZES, tensor_shapes  # noqa: E402
 
-from mergekit_ftt.delta.encode import BLOCK_ELEMENTS, rows_per_block  # noqa: E402
+from mergekit_ftt.delta.encode import SPARSIFY_BLOCK_ELEMENTS, rows_per_block  # noqa: E402
 from mergekit_ftt.tiny import tiny_config  # noqa: E402
 
 GB = 1000**3
@@ -44,7 +44,7 @@ def sparse(shape, dtype: str, density: float, exact_count: bool) -> float:
     if not exact_count:  # DARE keeps each element with probability `density`
         return math.ceil(n / 8) + density * n * ITEMSIZE[dtype]
     rows, row = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (n, 1)
-    step = rows_per_block(row, BLOCK_ELEMENTS)
+    step = rows_per_block(row, SPARSIFY_BLOCK_ELEMENTS)
     kept = sum(
         max(1, int(density * min(step, rows - start) * row)) for start in range(0, rows, step)
     )

@@ -37,9 +37,14 @@ from mergekit_ftt.delta.format import (
     Encoding,
 )
 
-# Rows per work block: whole rows, at most this many elements (at least one row). Bounds
-# the float64 scratch to 128 MiB whatever the tensor (an 8B embedding has 525M elements).
-BLOCK_ELEMENTS = 1 << 24
+# Rows per work block: whole rows, at most this many elements (at least 8 rows). Bounds the
+# float64 scratch of a block (Δ, its decoded copy, masks) to ~100 MiB whatever the tensor
+# (an 8B embedding has 525M elements).
+BLOCK_ELEMENTS = 1 << 22
+# mergekit's sparsify runs on blocks of at most this many elements (recorded in the
+# encoding, as it decides which elements are kept): every tensor of a 1B model in one
+# block, an 8B embedding in 32.
+SPARSIFY_BLOCK_ELEMENTS = 1 << 24
 
 _BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
 

@@ -24,7 +24,12 @@ from pathlib import Path
 import torch
 
 from mergekit_ftt import __version__
-from mergekit_ftt.delta.encode import BLOCK_ELEMENTS, encoder_for, rows_per_block
+from mergekit_ftt.delta.encode import (
+    BLOCK_ELEMENTS,
+    SPARSIFY_BLOCK_ELEMENTS,
+    encoder_for,
+    rows_per_block,
+)
 from mergekit_ftt.delta.format import (
     CONFIG_FILE,
     FULL_ROWS,
@@ -96,7 +101,7 @@ class ExtractOptions:
             density=self.density,
             rescale=random if self.rescale is None else self.rescale,
             seed=self.seed if random else None,
-            block_elements=BLOCK_ELEMENTS,
+            block_elements=SPARSIFY_BLOCK_ELEMENTS,
         )
 
 
