@@ -1,8 +1,9 @@
 """Extract a delta and apply it, side by side with the three-model transfer, on make_checkpoints.py models.
 
-Once, before the rounds: ``ftt-delta extract`` of three formats from ``source_finetuned``
-and ``source_base`` (bf16 exact: the lossless default for bf16 models; float32 exact;
-bf16 rounded, ``--no-exact``). Then, alternately in fresh processes (a b c d e, a b c d e, …):
+Once, before the rounds and measured like them: ``ftt-delta extract`` from
+``source_finetuned`` and ``source_base`` of each format the chosen variants apply (bf16
+exact: the lossless default for bf16 models; float32 exact; bf16 rounded, ``--no-exact``).
+Then, alternately in fresh processes (a b c d e, a b c d e, …):
 
 - ``three_model``: ``mergekit-yaml`` with target, ``source_finetuned``, ``source_base``;
 - ``apply_exact``: ``mergekit-yaml`` with target and the bf16 exact delta (``role: delta``);
@@ -99,6 +100,7 @@ def prepare(inputs: Inputs, workdir: Path, env: dict, variants: list[str]) -> di
         if not any(APPLIES.get(variant) == name for variant in variants):
             continue
         folder = workdir / f"delta-{name}"
+        extraction = None
         if not (folder / "delta_config.json").exists():
             run = measure(
                 f"prepare {name}", extract_command(inputs, folder, options), env,
@@ -106,6 +108,7 @@ def prepare(inputs: Inputs, workdir: Path, env: dict, variants: list[str]) -> di
             )  # fmt: skip
             if run.returncode:
                 raise SystemExit(f"extracting {name} failed: {run.note}")
+            extraction = asdict(run)
         config = json.loads((folder / "delta_config.json").read_text())
         elements = sum(_numel(t["shape"]) for t in config["tensors"].values())
         stored = sum(f["size"] for f in config["files"].values())
@@ -114,6 +117,7 @@ def prepare(inputs: Inputs, workdir: Path, env: dict, variants: list[str]) -> di
             "bytes_per_element": stored / elements,
             "elements": elements,
             "exact_corrections": sum(t["corrections"] for t in config["tensors"].values()),
+            "extraction": extraction,  # the run that made it (None: it was there already)
         }
     for variant, name in APPLIES.items():
         if name not in held:
@@ -199,11 +203,21 @@ def render(result: dict) -> str:
             f"{ratios.get('work', '–') if not ratios else format(ratios['work'], '.2f')} |"
         )
     lines += ["", "Delta folders (extracted once, before the rounds):", ""]
-    lines += ["| format | GB | bytes per element | exact corrections |", "|---|---|---|---|"]
+    lines += [
+        "| format | GB | bytes per element | exact corrections | extraction: wall s, CPU s, anonymous GB |",
+        "|---|---|---|---|---|",
+    ]
     for name, held in result["deltas"].items():
+        run = held.get("extraction")
+        extraction = (
+            f"{run['wall_s']:.1f}, {run['cpu_s']:.1f}, {run['peak_anon_bytes'] / GB:.2f}"
+            if run
+            else "(reused)"
+        )
         lines.append(
             f"| {name} | {held['stored_bytes'] / GB:.3f} | {held['bytes_per_element']:.3f} | "
-            f"{held['exact_corrections']:,} ({held['exact_corrections'] / held['elements']:.3%}) |"
+            f"{held['exact_corrections']:,} ({held['exact_corrections'] / held['elements']:.3%}) | "
+            f"{extraction} |"
         )
     if "verification" in result:
         lines += ["", "Elements of each apply output that differ from the three-model output:", ""]
