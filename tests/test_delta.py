@@ -18,6 +18,7 @@ import yaml
 from helpers import load_weights, run_cli
 
 from mergekit_ftt.delta.info import module_of, open_and_describe
+from mergekit_ftt.training.iterate import _substitute as stand_ins  # each value swapped
 
 pytestmark = pytest.mark.slow  # every test runs ftt-delta and/or mergekit-yaml
 
@@ -148,6 +149,12 @@ def test_deltas_mix_with_pairs_and_keep_their_weights(models, exact_delta, tmp_p
         tmp_path / "mixed",
     )  # fmt: skip
     assert_same_bits(mixed, from_models)
+    card = (tmp_path / "mixed" / "out" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")  # a local target: no Hub id
+    ft, ft_b, base = (f"`{models[key]}`" for key in ("ft", "ft_b", "base"))
+    assert f"| {ft} − {base} | 0.5 | delta folder `{exact_delta}` (dense bfloat16, exact) |" in card
+    assert f"| {ft_b} − {base} | 1.25 | the two models |" in card
+    assert f"**Target (base model):** `{models['target']}`" in card
 
 
 def test_added_tokens_are_full_rows_and_transfer_bit_identically(models, tmp_path):
@@ -300,15 +307,6 @@ def test_dare_delta_keeps_a_fraction_and_rescales(models, tmp_path):
 # --- the shipped recipes ---------------------------------------------------------------
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def stand_ins(node, local: dict[str, str]):
-    """The recipe with each Hub id (or delta folder) replaced by a local stand-in."""
-    if isinstance(node, dict):
-        return {key: stand_ins(value, local) for key, value in node.items()}
-    if isinstance(node, list):
-        return [stand_ins(item, local) for item in node]
-    return local.get(node, node) if isinstance(node, str) else node
 
 
 def test_shipped_delta_recipes_match_the_paper_recipe(llama, tmp_path):
