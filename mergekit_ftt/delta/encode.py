@@ -27,7 +27,9 @@ import torch
 from mergekit_ftt.delta.format import (
     DENSE,
     EXACT_INDEX,
+    EXACT_INDEX64,
     EXACT_VALUE,
+    EXACT_VALUE64,
     FULL_ROWS,
     MASK,
     SCALE,
@@ -143,11 +145,14 @@ class DenseEncoder(Encoder):
         if count:
             index = torch.cat(self._index)
             value = torch.cat(self._value)
-            numel = math.prod(self.shape)
-            components[EXACT_INDEX] = index.to(torch.int32 if numel < 2**31 else torch.int64)
+            index_dtype = torch.int32 if math.prod(self.shape) < 2**31 else torch.int64
             as_float32 = value.to(torch.float32)
-            fits = bool((as_float32.to(torch.float64) == value).logical_or(value.isnan()).all())
-            components[EXACT_VALUE] = as_float32 if fits else value
+            fits = as_float32.to(torch.float64).eq(value).logical_or_(value.isnan())
+            components[EXACT_INDEX] = index[fits].to(index_dtype)
+            components[EXACT_VALUE] = as_float32[fits]
+            if not fits.all():  # float32 rounds these too: rare (exponents > 16 apart)
+                components[EXACT_INDEX64] = index[~fits].to(index_dtype)
+                components[EXACT_VALUE64] = value[~fits]
         return Encoded(components, count, math.sqrt(self.squared_error))
 
 

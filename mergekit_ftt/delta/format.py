@@ -17,8 +17,9 @@ Each model tensor ``NAME`` is stored as one or more components, all in the same 
 ``NAME``                    Δ, dense, in the stored dtype (kind ``dense``; the 1-D
                             tensors of kind ``sign``)
 ``NAME.exact_index``        flat indices where the stored dtype rounds Δ (``exact``)
-``NAME.exact_value``        Δ at those indices, float32, or float64 where float32 too
-                            would round one of them
+``NAME.exact_value``        Δ at those indices (float32)
+``NAME.exact_index64``      the few indices where float32 too would round Δ
+``NAME.exact_value64``      Δ at those (float64)
 ``NAME.mask``               kind ``sparse``: the kept elements, 8 per byte
 ``NAME.values``             kind ``sparse``: the kept values in flat order
 ``NAME.sign``               kind ``sign``: 1 bit per element, set where Δ > 0
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +60,8 @@ SHARD_PREFIX = "delta"
 DENSE = ""
 EXACT_INDEX = ".exact_index"
 EXACT_VALUE = ".exact_value"
+EXACT_INDEX64 = ".exact_index64"
+EXACT_VALUE64 = ".exact_value64"
 MASK = ".mask"
 VALUES = ".values"
 SIGN = ".sign"
@@ -222,12 +226,14 @@ class DeltaFolder:
 
     # --- checks -------------------------------------------------------------------------
 
-    def check_files(self, hashes: bool = True) -> None:
+    def check_files(self, hashes: bool = True, remembered: bool = True) -> None:
         """Raise :class:`DeltaError` unless every file and component matches the config.
 
         Sizes and safetensors headers (every component's dtype and shape) are always
         checked; ``hashes`` also compares each file's sha256 (reads every byte once, in
-        parallel over files).
+        parallel over files). With ``remembered``, a file whose sha256 this machine has
+        already checked is not read again while its path, size, mtime and inode are
+        unchanged (:class:`VerifiedFiles`).
         """
         from safetensors import safe_open
 
@@ -261,10 +267,15 @@ class DeltaFolder:
                         "not belong to this delta_config.json; extract the delta again."
                     )
         if hashes:
-            self._check_hashes()
+            self._check_hashes(remembered)
 
-    def _check_hashes(self) -> None:
-        names = list(self.config.files)
+    def _check_hashes(self, remembered: bool) -> None:
+        verified = VerifiedFiles.load() if remembered else VerifiedFiles({})
+        names = [
+            name
+            for name, info in self.config.files.items()
+            if not verified.holds(self.path / name, info.sha256)
+        ]
         with ThreadPoolExecutor(max_workers=min(4, len(names) or 1)) as pool:
             digests = dict(
                 zip(names, pool.map(lambda n: file_sha256(self.path / n), names), strict=True)
@@ -276,6 +287,9 @@ class DeltaFolder:
                     "the file was modified or belongs to another delta. Extract the delta "
                     "again or copy the folder again."
                 )
+            verified.record(self.path / name, digest)
+        if digests:
+            verified.save()
 
     # --- reading ------------------------------------------------------------------------
 
@@ -300,16 +314,17 @@ class DeltaFolder:
 
         return decode(self, name)
 
-    def corrections(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(flat indices int64, exact values float64)`` where :meth:`tensor` is rounded."""
-        info = self.config.tensors[name]
-        if EXACT_INDEX not in info.components:
-            return None
+    def corrections(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Where :meth:`tensor` is rounded: ``(flat indices int64, exact values)`` lists
+        (float32 values, then the float64 ones), each ascending, disjoint."""
         import torch
 
-        index = self.component(name, EXACT_INDEX).to(torch.int64)
-        value = self.component(name, EXACT_VALUE).to(torch.float64)
-        return index, value
+        components = self.config.tensors[name].components
+        return [
+            (self.component(name, index).to(torch.int64), self.component(name, value))
+            for index, value in ((EXACT_INDEX, EXACT_VALUE), (EXACT_INDEX64, EXACT_VALUE64))
+            if index in components
+        ]
 
     def close(self) -> None:
         with self._lock:
@@ -323,6 +338,59 @@ class DeltaFolder:
             self._handle = safe_open(self.path / file, framework="pt")
             self._open_file = file
         return self._handle
+
+
+class VerifiedFiles:
+    """Files whose sha256 was checked on this machine, by real path, size, mtime and inode.
+
+    Applying a delta checks every file's sha256 before the merge; this record spares
+    reading an unchanged file again (16 GB at 8B). A file that was modified, replaced or
+    copied elsewhere has another mtime, inode or path and is read again.
+    """
+
+    def __init__(self, entries: dict[str, dict]):
+        self.entries = entries
+
+    @staticmethod
+    def location() -> Path:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(cache) / "mergekit-ftt" / "verified-delta-files.json"
+
+    @classmethod
+    def load(cls) -> VerifiedFiles:
+        try:
+            return cls(json.loads(cls.location().read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return cls({})
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[str, dict]:
+        real = os.path.realpath(path)
+        status = os.stat(real)
+        return real, {
+            "size": status.st_size,
+            "mtime_ns": status.st_mtime_ns,
+            "inode": status.st_ino,
+        }
+
+    def holds(self, path: Path, sha256: str) -> bool:
+        real, stamp = self._stamp(path)
+        return self.entries.get(real) == {**stamp, "sha256": sha256}
+
+    def record(self, path: Path, sha256: str) -> None:
+        real, stamp = self._stamp(path)
+        self.entries[real] = {**stamp, "sha256": sha256}
+
+    def save(self) -> None:
+        """Best effort: a read-only home only means hashing again next time."""
+        location = self.location()
+        try:
+            location.parent.mkdir(parents=True, exist_ok=True)
+            partial = location.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(self.entries, indent=1), encoding="utf-8")
+            os.replace(partial, location)
+        except OSError:
+            pass
 
 
 def file_sha256(path: Path, block: int = 1 << 24) -> str:

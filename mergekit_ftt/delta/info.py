@@ -170,5 +170,5 @@ def _source(source: dict) -> str:
 
 def open_and_describe(path: str | Path, verify: bool) -> dict:
     folder = DeltaFolder(path)
-    folder.check_files(hashes=verify)
+    folder.check_files(hashes=verify, remembered=False)
     return describe(folder.config, path)

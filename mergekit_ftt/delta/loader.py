@@ -118,18 +118,16 @@ class StoredDelta:
     values (tokens the base lacks: they are copied to the output as they are)."""
 
     tensor: torch.Tensor
-    exact_index: torch.Tensor | None = None  # flat, ascending, int64
-    exact_value: torch.Tensor | None = None  # float64
+    corrections: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (flat index, value)
     full_rows: tuple[int, ...] = ()
 
     def correct(self, chunk: torch.Tensor, start: int) -> None:
         """Overwrite the rounded elements of ``chunk`` (flat elements from ``start``)."""
-        if self.exact_index is None:
-            return
         bounds = torch.tensor([start, start + chunk.numel()], dtype=torch.int64)
-        low, high = torch.searchsorted(self.exact_index, bounds).tolist()
-        if high > low:
-            chunk[self.exact_index[low:high] - start] = self.exact_value[low:high].to(chunk.dtype)
+        for index, value in self.corrections:
+            low, high = torch.searchsorted(index, bounds).tolist()
+            if high > low:
+                chunk[index[low:high] - start] = value[low:high].to(chunk.dtype)
 
     def exact(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The whole Δ in ``dtype``, corrections applied."""
@@ -139,17 +137,15 @@ class StoredDelta:
 
     def exact_rows(self) -> torch.Tensor:
         """The full rows, float64, corrections applied: ``[len(full_rows), row elements]``."""
-        rows = self.tensor.reshape(self.tensor.shape[0], -1)[list(self.full_rows)]
-        values = rows.to(torch.float64)
-        if self.exact_index is not None:
-            row_elements = rows.shape[1]
-            position = {row: index for index, row in enumerate(self.full_rows)}
-            owner = torch.div(self.exact_index, row_elements, rounding_mode="floor")
-            hit = torch.isin(owner, torch.tensor(self.full_rows, dtype=torch.int64))
-            for flat, value in zip(
-                self.exact_index[hit].tolist(), self.exact_value[hit].tolist(), strict=True
-            ):
-                values[position[flat // row_elements], flat % row_elements] = value
+        rows = self.tensor.reshape(self.tensor.shape[0], -1)
+        values = rows[list(self.full_rows)].to(torch.float64)
+        row_elements = rows.shape[1]
+        position = {row: place for place, row in enumerate(self.full_rows)}
+        wanted = torch.tensor(self.full_rows, dtype=torch.int64)
+        for index, value in self.corrections:
+            hit = torch.isin(torch.div(index, row_elements, rounding_mode="floor"), wanted)
+            for flat, exact in zip(index[hit].tolist(), value[hit].tolist(), strict=True):
+                values[position[flat // row_elements], flat % row_elements] = exact
         return values
 
 
@@ -168,10 +164,6 @@ def stored_delta(model: Hashable, tensor: torch.Tensor, name: str | None) -> Sto
     rows = tensor.shape[0] if tensor.dim() else 1
     full_rows = tuple(row for row in info.full_rows if row < rows)
     corrections = folder.corrections(name)
-    if corrections is None:
-        return StoredDelta(tensor, full_rows=full_rows)
-    index, value = corrections
     if tensor.numel() < math.prod(info.shape):  # rows cut to the output's vocabulary
-        inside = index < tensor.numel()
-        index, value = index[inside], value[inside]
-    return StoredDelta(tensor, index, value, full_rows)
+        corrections = [(i[i < tensor.numel()], v[i < tensor.numel()]) for i, v in corrections]
+    return StoredDelta(tensor, tuple(corrections), full_rows)
