@@ -255,3 +255,20 @@ def test_sparse_extraction_needs_a_density(tmp_path):
         "ftt-delta: error: --compress dare needs --density in (0, 1], the fraction of "
         "elements kept (e.g. --density 0.1).\n"
     )
+
+
+def test_a_file_changed_after_it_was_verified_is_read_again(llama, delta, tmp_path):
+    """Unchanged files are not hashed again (extraction records them); a file rewritten
+    later, even with its old size and header, is."""
+    from mergekit_ftt.delta.format import DeltaFolder, VerifiedFiles
+
+    copy = copy_of(delta, tmp_path)
+    DeltaFolder(copy).check_files()  # hashed once, remembered
+    shard = copy / "delta.safetensors"
+    assert VerifiedFiles.load().holds(shard, DeltaFolder(copy).config.files[shard.name].sha256)
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert "does not match the sha256" in refused(
+        delta_recipe(llama.model("target", 1), copy), tmp_path
+    )

@@ -41,6 +41,7 @@ from mergekit_ftt.delta.format import (
     FileInfo,
     SourceModel,
     TensorInfo,
+    VerifiedFiles,
     Vocabulary,
     file_sha256,
     is_delta_folder,
@@ -419,7 +420,17 @@ def extract(
     if out.exists():
         shutil.rmtree(out)  # --overwrite of an earlier delta folder, checked above
     partial.rename(out)
+    _remember_verified(out, config.files)
     return config
+
+
+def _remember_verified(folder: Path, files: dict[str, FileInfo]) -> None:
+    """The files were hashed as they were written: applying the delta on this machine need
+    not read them again (recorded after the rename, which changes their path)."""
+    verified = VerifiedFiles.load()
+    for name, info in files.items():
+        verified.record(folder / name, info.sha256)
+    verified.save()
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
