@@ -155,12 +155,7 @@ def delta_card(delta: DeltaConfig, name: str) -> str:
     from mergekit_ftt.delta.info import summary_rows
 
     finetuned, base = delta.finetuned, delta.base
-    recipe = {
-        "merge_method": METHOD_NAME,
-        "base_model": "TARGET  # a model of the same architecture",
-        "models": [{"model": name, "parameters": {"role": "delta", "weight": 1.0}}],
-        "tokenizer": {"source": name},
-    }
+    recipe = RECIPE_TEMPLATE.format(name=name, dtype=delta.encoding.dtype)
     exactness = {
         True: "bit-identical to a transfer from the two models",
         False: "approximate; the reconstruction error is below",
@@ -189,7 +184,7 @@ def delta_card(delta: DeltaConfig, name: str) -> str:
         "|---|---|",
         f"| fine-tuned model | {_source_text(finetuned)} |",
         f"| its base | {_source_text(base)} |",
-        f"| stored as | {_encoding_text(delta)}; {delta.stored_bytes / 1e9:.2f} GB in "
+        f"| stored as | {_encoding_text(delta)}; {_size(delta.stored_bytes)} in "
         f"{len(delta.files)} file(s) |",
         f"| applying it is | {exactness} |",
         f"| vocabulary | {vocabulary} |",
@@ -197,7 +192,7 @@ def delta_card(delta: DeltaConfig, name: str) -> str:
         "## Apply it with mergekit",
         "",
         "```yaml",
-        yaml.safe_dump(recipe, sort_keys=False).strip(),
+        recipe,
         "```",
         "",
         "`mergekit-yaml recipe.yml OUT` with mergekit-ftt installed; `weight` is α. "
@@ -213,6 +208,23 @@ def delta_card(delta: DeltaConfig, name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+RECIPE_TEMPLATE = """merge_method: finetuning_transfer
+base_model: TARGET           # a model of the same architecture as the fine-tune's base
+dtype: {dtype}
+models:
+  - model: {name}
+    parameters: {{role: delta, weight: 1.0}}   # weight = α
+tokenizer:
+  source: {name}             # the fine-tuned model's tokenizer and chat template"""
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} bytes"
 
 
 def _source_text(source) -> str:
