@@ -122,8 +122,12 @@ class DenseEncoder(Encoder):
         super().__init__(shape, encoding)
         self.out = torch.empty(shape, dtype=self.dtype)
         self._flat = self.out.view(self.rows, self.row_elements)
-        self._index: list[torch.Tensor] = []
-        self._value: list[torch.Tensor] = []
+        self._index_dtype = torch.int32 if math.prod(shape) < 2**31 else torch.int64
+        # Exact values, kept compact as they come: (index, float32 value) for most,
+        # (index, float64 value) where float32 rounds too.
+        self._corrections: dict[str, list[torch.Tensor]] = {
+            key: [] for key in (EXACT_INDEX, EXACT_VALUE, EXACT_INDEX64, EXACT_VALUE64)
+        }
 
     def add(self, start_row: int, block: torch.Tensor, kept: torch.Tensor) -> None:
         rounded = self._flat[start_row : start_row + block.shape[0]]
@@ -134,25 +138,27 @@ class DenseEncoder(Encoder):
             where = wrong.reshape(-1).nonzero().squeeze(1)
             if where.numel():
                 values = block.reshape(-1)[where]
-                self._index.append(where + start_row * self.row_elements)
-                self._value.append(values)
                 decoded.view(-1)[where] = values
+                self._keep(where + start_row * self.row_elements, values)
         self._add_error(decoded, block, kept)
+
+    def _keep(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        as_float32 = values.to(torch.float32)
+        fits = as_float32.to(torch.float64).eq(values).logical_or_(values.isnan())
+        index = index.to(self._index_dtype)
+        self._corrections[EXACT_INDEX].append(index[fits])
+        self._corrections[EXACT_VALUE].append(as_float32[fits])
+        if not fits.all():  # float32 rounds these too: rare (exponents > 16 apart)
+            self._corrections[EXACT_INDEX64].append(index[~fits])
+            self._corrections[EXACT_VALUE64].append(values[~fits])
 
     def finish(self) -> Encoded:
         components = {DENSE: self.out}
-        count = sum(index.numel() for index in self._index)
-        if count:
-            index = torch.cat(self._index)
-            value = torch.cat(self._value)
-            index_dtype = torch.int32 if math.prod(self.shape) < 2**31 else torch.int64
-            as_float32 = value.to(torch.float32)
-            fits = as_float32.to(torch.float64).eq(value).logical_or_(value.isnan())
-            components[EXACT_INDEX] = index[fits].to(index_dtype)
-            components[EXACT_VALUE] = as_float32[fits]
-            if not fits.all():  # float32 rounds these too: rare (exponents > 16 apart)
-                components[EXACT_INDEX64] = index[~fits].to(index_dtype)
-                components[EXACT_VALUE64] = value[~fits]
+        for key, parts in self._corrections.items():
+            if sum(part.numel() for part in parts):
+                components[key] = torch.cat(parts)
+            parts.clear()
+        count = sum(components[k].numel() for k in (EXACT_INDEX, EXACT_INDEX64) if k in components)
         return Encoded(components, count, math.sqrt(self.squared_error))
 
 
