@@ -3,9 +3,11 @@
 mergekit 0.1.5 has no plugin entry points: its method registry is filled when
 ``mergekit.merge_methods`` is imported. The installed ``mergekit_ftt_hook.pth`` calls
 :func:`install` at interpreter start; it puts a finder on ``sys.meta_path`` that waits
-for two mergekit modules and extends each right after it has run:
+for three mergekit modules and extends each right after it has run:
 
 - ``mergekit.merge_methods``: register ``finetuning_transfer`` in the registry;
+- ``mergekit.common``: let mergekit's tensor loader read delta folders
+  (:mod:`mergekit_ftt.delta.loader`), the inputs of ``role: delta``;
 - ``mergekit.merge``: wrap ``run_merge`` so that a ``finetuning_transfer`` merge is
   checked (:mod:`mergekit_ftt.preflight`) before anything is loaded or written, and its
   output gets the generation config that goes with its tokenizer
@@ -100,7 +102,14 @@ def _first_of_type(arguments, kind):
     return None if name is None else arguments[name]
 
 
+def _read_delta_folders(common_module) -> None:
+    from mergekit_ftt.delta.loader import install
+
+    install(common_module)
+
+
 _AFTER_IMPORT = {
+    "mergekit.common": _read_delta_folders,
     "mergekit.merge_methods": lambda _module: register(),
     "mergekit.merge": _check_before_run_merge,
 }

@@ -10,6 +10,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_ftt import METHOD_NAME
+from mergekit_ftt.card import write_transfer_card
 
 
 def copy_generation_config(
@@ -23,6 +24,7 @@ def copy_generation_config(
     stops on ``<|eot_id|>``), so the generation config follows the tokenizer, as in the
     paper's script, which saved everything from the fine-tuned model.
     """
+    write_transfer_card(config, out_path)  # roles, α and lineage, in place of mergekit's card
     if config.merge_method != METHOD_NAME or config.tokenizer is None:
         return
     source = config.tokenizer.source

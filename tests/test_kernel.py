@@ -168,7 +168,7 @@ def test_role_errors_name_the_fix(roles, message):
 
 def test_no_finetuned_model_is_an_error():
     tensors = random_inputs((2, 2), torch.float32)[:2]
-    with pytest.raises(ValueError, match="at least 2 non-base inputs"):
+    with pytest.raises(ValueError, match="at least one model with `role: source_finetuned`"):
         merge_tensors(
             tensors,
             "finetuning_transfer",

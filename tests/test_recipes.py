@@ -11,7 +11,8 @@ from helpers import load_weights, run_cli
 from transformers import AutoConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-ALL_RECIPES = sorted(RECIPES.rglob("*.yml"))
+# recipes/deltas/ apply delta folders, made by ftt-delta: tests/test_delta.py runs them.
+ALL_RECIPES = sorted(p for p in RECIPES.rglob("*.yml") if "deltas" not in p.parts)
 MODEL_KEYS = {"model", "base_model", "source"}
 
 

@@ -85,6 +85,12 @@ def load_recipe(config: MergeConfiguration, options: MergeOptions, path: str | N
         inputs = check_inputs(config, options)
     except FinetuningTransferError as error:
         raise FttError(error.message) from error
+    if inputs.deltas:
+        raise FttError(
+            f"{path or 'the recipe'} applies a stored delta ({inputs.deltas[0]}); ftt-inspect "
+            "compares the target with the delta's source base, so give it the recipe with "
+            "the fine-tuned model and its base (`ftt-delta info` describes the delta itself)."
+        )
     return Recipe(path, inputs, tuple(plan_tensors(inputs.config, options, inputs)))
 
 

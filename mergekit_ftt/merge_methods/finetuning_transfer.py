@@ -1,10 +1,11 @@
 """Fine-tuning transfer (Lin et al., 2025): ``target + Σ_i weight_i · (finetuned_i − source_base)``.
 
-``base_model`` is the *target* M_t. The other inputs carry a ``role``: exactly one
-``source_base`` M_s and one or more ``source_finetuned`` FT(M_s), each with its own
-``weight`` (the paper's α, default 1). The deltas are measured against ``source_base``,
-never against the target, which is what ``task_arithmetic`` with ±1 weights gets wrong
-once deltas are sparsified or sign-elected.
+``base_model`` is the *target* M_t. The other inputs carry a ``role``: ``source_finetuned``
+models FT(M_s) with the one ``source_base`` M_s they were trained from, and/or ``delta``
+folders that hold FT − M_s already (``ftt-delta extract``), each with its own ``weight``
+(the paper's α, default 1). The deltas are measured against ``source_base``, never
+against the target, which is what ``task_arithmetic`` with ±1 weights gets wrong once
+deltas are sparsified or sign-elected.
 
 The dense transfer is computed in float64, chunk by chunk, and rounded once to the
 merge dtype: the output is bit-identical to a float64 reference rounded to the output
@@ -20,6 +21,7 @@ off for the magnitude methods.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
@@ -37,6 +39,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, 
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
 from mergekit_ftt import METHOD_NAME, PAPER_URL
+from mergekit_ftt.delta.loader import StoredDelta, stored_delta
 
 # Elements per float64 work chunk: the three 8 MiB scratch buffers, allocated once per
 # tensor and reused for each chunk, stay in the 32 MiB last-level cache, so every pass over
@@ -53,6 +56,7 @@ OutputDtype = Literal["float64", "float32", "bfloat16", "float16"]
 class Role(str, Enum):
     source_base = "source_base"
     source_finetuned = "source_finetuned"
+    delta = "delta"
 
 
 class FinetuningTransferError(click.ClickException, ValueError):
@@ -63,35 +67,60 @@ class FinetuningTransferError(click.ClickException, ValueError):
     """
 
 
-def split_roles(roles: Mapping[Hashable, object]) -> tuple[Hashable, list[Hashable]]:
-    """Return ``(source_base, [source_finetuned, ...])`` or raise with the fix.
+@dataclass(frozen=True)
+class Roles:
+    """The non-target inputs by role. ``deltas`` are the ``source_finetuned`` and
+    ``delta`` inputs in input order (the order of the sum), ``stored`` the delta folders."""
+
+    source_base: Hashable | None
+    deltas: list[Hashable]
+    stored: frozenset[Hashable]
+
+    @property
+    def finetuned(self) -> list[Hashable]:
+        return [model for model in self.deltas if model not in self.stored]
+
+
+def split_roles(roles: Mapping[Hashable, object]) -> Roles:
+    """Sort the inputs by role or raise with the fix.
 
     ``roles`` maps each non-target input to its ``role`` parameter.
     """
     by_role: dict[str, list[Hashable]] = {role.value: [] for role in Role}
+    deltas = []
     for model, role in roles.items():
         value = role.value if isinstance(role, Role) else role
         if value not in by_role:
             raise FinetuningTransferError(
                 f"{METHOD_NAME}: model {model} has role {value!r}; every model except "
-                f"base_model (the target) needs `parameters: {{role: source_base}}` or "
-                f"`parameters: {{role: source_finetuned}}`."
+                f"base_model (the target) needs `parameters: {{role: source_finetuned}}`, "
+                f"`{{role: source_base}}` or `{{role: delta}}` (a folder from ftt-delta extract)."
             )
         by_role[value].append(model)
+        if value != Role.source_base.value:
+            deltas.append(model)
     bases, finetuned = by_role[Role.source_base.value], by_role[Role.source_finetuned.value]
-    if len(bases) != 1:
+    stored = by_role[Role.delta.value]
+    if bases and not finetuned and stored:
+        raise FinetuningTransferError(
+            f"{METHOD_NAME}: {bases[0]} has `role: source_base` but no model has `role: "
+            f"source_finetuned`. A `role: delta` input already holds fine-tuned − base "
+            f"({', '.join(str(d) for d in stored)}); remove the source_base entry."
+        )
+    if (finetuned and len(bases) != 1) or len(bases) > 1:
         found = "none" if not bases else ", ".join(str(b) for b in bases)
         raise FinetuningTransferError(
             f"{METHOD_NAME} needs exactly one model with `role: source_base` (the model the "
             f"fine-tuned models were trained from); found {found}. Give the source base "
             f"model `parameters: {{role: source_base}}`; the target goes in base_model."
         )
-    if not finetuned:
+    if not deltas:
         raise FinetuningTransferError(
             f"{METHOD_NAME} needs at least one model with `role: source_finetuned` (the "
-            f"fine-tuned model whose delta is transferred); only {bases[0]} was given."
+            f"fine-tuned model whose delta is transferred) or `role: delta` (a folder from "
+            f"ftt-delta extract); only {bases[0] if bases else 'the target'} was given."
         )
-    return bases[0], finetuned
+    return Roles(bases[0] if bases else None, deltas, frozenset(stored))
 
 
 # Significant bits (the implicit one included) of the formats narrower than float32.
@@ -123,23 +152,29 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
     out.copy_(value)
 
 
+Term = torch.Tensor | StoredDelta  # a fine-tuned model's tensor, or a stored Δ
+
+
 def _dense_transfer(
     target: torch.Tensor,
-    source_base: torch.Tensor,
-    finetuned: list[torch.Tensor],
+    source_base: torch.Tensor | None,
+    terms: list[Term],
     weights: list[float],
     output_dtype: torch.dtype,
 ) -> torch.Tensor:
     out = torch.empty(target.shape, dtype=output_dtype, device=target.device)
     flat_out = out.view(-1)
-    flat_base = source_base.reshape(-1)
     flat_target = target.reshape(-1)
-    flat_finetuned = [tensor.reshape(-1) for tensor in finetuned]
+    flat_terms = [
+        term.tensor.reshape(-1) if isinstance(term, StoredDelta) else term.reshape(-1)
+        for term in terms
+    ]
     # float64 scratch allocated once per tensor and reused for each chunk. Every input
     # chunk is first copied into it (a widening copy is exact and fast; arithmetic with a
     # bf16 operand is several times slower in torch), so all arithmetic is float64 on
-    # float64, in the order of w₁·(ft₁ − sb) + w₂·(ft₂ − sb) + … + target, and
-    # round_once rounds the sum to the output dtype once.
+    # float64, in the order of w₁·Δ₁ + w₂·Δ₂ + … + target with Δᵢ = ftᵢ − sb or a stored
+    # Δᵢ (its rounded elements replaced by their exact values), and round_once rounds the
+    # sum to the output dtype once.
     size = min(CHUNK_ELEMENTS, flat_out.numel())
     delta_sum, base, scratch = (
         torch.empty(size, dtype=torch.float64, device=target.device) for _ in range(3)
@@ -148,17 +183,35 @@ def _dense_transfer(
         window = slice(start, start + CHUNK_ELEMENTS)
         count = min(CHUNK_ELEMENTS, flat_out.numel() - start)
         chunk_sum, chunk_base, chunk_scratch = delta_sum[:count], base[:count], scratch[:count]
-        chunk_base.copy_(flat_base[window])
-        for index, (tensor, weight) in enumerate(zip(flat_finetuned, weights, strict=True)):
+        if source_base is not None:
+            chunk_base.copy_(source_base.reshape(-1)[window])
+        for index, (term, flat, weight) in enumerate(zip(terms, flat_terms, weights, strict=True)):
             chunk_delta = chunk_scratch if index else chunk_sum
-            chunk_delta.copy_(tensor[window]).sub_(chunk_base)
+            chunk_delta.copy_(flat[window])
+            if isinstance(term, StoredDelta):
+                term.correct(chunk_delta, start)
+            else:
+                chunk_delta.sub_(chunk_base)
             if weight != 1.0:
                 chunk_delta.mul_(weight)
             if index:
                 chunk_sum.add_(chunk_delta)
         chunk_sum.add_(chunk_scratch.copy_(flat_target[window]))
         round_once(chunk_sum, flat_out[window], chunk_scratch)
+    _copy_full_rows(out, terms)
     return out
+
+
+def _copy_full_rows(out: torch.Tensor, terms: list[Term]) -> None:
+    """Vocabulary rows a delta holds whole (tokens its base lacks) are the fine-tuned
+    model's own rows: the output takes them as they are, as a transfer from the two models
+    does (mergekit fills the target's and base's missing rows with the fine-tuned row)."""
+    for term in terms:
+        if isinstance(term, StoredDelta) and term.full_rows:
+            values = term.exact_rows()
+            rounded = torch.empty(values.shape, dtype=out.dtype, device=out.device)
+            round_once(values, rounded, torch.empty_like(values))
+            out.view(out.shape[0], -1)[list(term.full_rows)] = rounded
 
 
 def default_rescale(method: SparsificationMethod | None) -> bool:
@@ -168,8 +221,8 @@ def default_rescale(method: SparsificationMethod | None) -> bool:
 
 def _sparse_transfer(
     target: torch.Tensor,
-    source_base: torch.Tensor,
-    finetuned: list[torch.Tensor],
+    source_base: torch.Tensor | None,
+    terms: list[Term],
     weights: list[float],
     densities: list[float],
     sparsification_method: SparsificationMethod | None,
@@ -185,10 +238,13 @@ def _sparse_transfer(
     mergekit's TIES family computes the same steps in the merge dtype (bf16 in most
     recipes).
     """
-    base32 = source_base.to(torch.float32)
-    deltas = torch.empty((len(finetuned), *target.shape), dtype=torch.float32, device=target.device)
-    for index, tensor in enumerate(finetuned):
-        delta = tensor.to(torch.float32) - base32
+    base32 = source_base.to(torch.float32) if source_base is not None else None
+    deltas = torch.empty((len(terms), *target.shape), dtype=torch.float32, device=target.device)
+    for index, term in enumerate(terms):
+        if isinstance(term, StoredDelta):
+            delta = term.exact(torch.float32)
+        else:
+            delta = term.to(torch.float32) - base32
         if sparsification_method is not None:
             delta = sparsify(
                 delta,
@@ -212,14 +268,18 @@ def _sparse_transfer(
     mixed = deltas.sum(dim=0)
     if normalize:
         mixed /= torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return target.to(torch.float32) + mixed
+    merged = target.to(torch.float32) + mixed
+    for term in terms:
+        if isinstance(term, StoredDelta) and term.full_rows:
+            merged.view(merged.shape[0], -1)[list(term.full_rows)] = term.exact_rows().float()
+    return merged
 
 
 @merge_method(
     name=METHOD_NAME,
     pretty_name="Fine-tuning Transfer",
     reference_url=PAPER_URL,
-    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
 )
 def finetuning_transfer(
     group: TensorGroup,
@@ -234,10 +294,10 @@ def finetuning_transfer(
     normalize: bool = False,
     output_dtype: OutputDtype | None = None,
 ) -> torch.Tensor:
-    """Transfer the deltas ``finetuned − source_base`` onto the target (the base input).
+    """Transfer the deltas ``finetuned − source_base`` and stored deltas onto the target.
 
     ``weight``, ``density``, ``epsilon`` and ``gamma`` are read for ``source_finetuned``
-    inputs only; ``density``/``epsilon``/``gamma``/``rescale`` take effect with a
+    and ``delta`` inputs only; ``density``/``epsilon``/``gamma``/``rescale`` take effect with a
     ``sparsification_method``, ``normalize`` divides by the summed (sign-elected)
     weights as in TIES. ``rescale`` unset means mergekit's default for the
     sparsification method (:func:`default_rescale`). ``output_dtype`` is the dtype the
@@ -245,25 +305,31 @@ def finetuning_transfer(
     sets it from the recipe's ``out_dtype`` (else ``dtype``) before a merge: mergekit
     would otherwise round the kernel's result a second time when it writes ``out_dtype``.
     """
-    source_base_id, finetuned_ids = split_roles(role)
+    inputs = split_roles(role)
     entries = {entry.id: entry.tensor for entry in group.non_base}
     target = group.base.tensor
-    finetuned = [entries[model] for model in finetuned_ids]
-    weights = [weight[model] for model in finetuned_ids]
+    terms = [
+        stored_delta(model, entries[model], group.metadata.name)
+        if model in inputs.stored
+        else entries[model]
+        for model in inputs.deltas
+    ]
+    source_base = entries[inputs.source_base] if inputs.source_base is not None else None
+    weights = [weight[model] for model in inputs.deltas]
     rounded_to = dtype_from_name(output_dtype) or target.dtype
     if sparsification_method is None and consensus_method is None and not normalize:
-        return _dense_transfer(target, entries[source_base_id], finetuned, weights, rounded_to)
+        return _dense_transfer(target, source_base, terms, weights, rounded_to)
     merged = _sparse_transfer(
         target,
-        entries[source_base_id],
-        finetuned,
+        source_base,
+        terms,
         weights,
-        densities=[density[model] for model in finetuned_ids],
+        densities=[density[model] for model in inputs.deltas],
         sparsification_method=sparsification_method,
         consensus_method=consensus_method,
         rescale=default_rescale(sparsification_method) if rescale is None else rescale,
         normalize=normalize,
-        epsilon=[epsilon[model] for model in finetuned_ids],
-        gamma=[gamma[model] for model in finetuned_ids],
+        epsilon=[epsilon[model] for model in inputs.deltas],
+        gamma=[gamma[model] for model in inputs.deltas],
     )
     return merged.to(rounded_to)

@@ -26,6 +26,13 @@ from mergekit.options import MergeOptions
 from transformers import PretrainedConfig
 
 from mergekit_ftt import METHOD_NAME
+from mergekit_ftt.delta.checks import (
+    check_delta_inputs,
+    check_delta_roles,
+    delta_checkpoint,
+    refuse_in_other_methods,
+)
+from mergekit_ftt.delta.format import DeltaError
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError, split_roles
 from mergekit_ftt.precision import plan_precision
 from mergekit_ftt.preflight.checkpoints import (
@@ -63,6 +70,7 @@ def check_merge(
     Other merge methods pass through unchanged.
     """
     if config.merge_method != METHOD_NAME:
+        _as_merge_error(refuse_in_other_methods, referenced_models(config))
         return config
     check_output_path(out_path)
     inputs = check_inputs(config, options)
@@ -77,8 +85,9 @@ class TransferInputs(NamedTuple):
     with a note when it differs from the recipe's)."""
 
     target: ModelReference
-    source_base: ModelReference
+    source_base: ModelReference | None  # None when every input is a stored delta
     source_finetuned: list[ModelReference]
+    deltas: list[ModelReference]  # the ``role: delta`` folders
     checkpoints: dict[ModelReference, StoredCheckpoint]
     config: MergeConfiguration
     precision_note: str | None
@@ -95,20 +104,38 @@ def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferI
             "receives the transferred delta."
         )
     roles = configured_roles(config, target)
-    source_base, finetuned = split_roles(roles)
+    inputs = split_roles(roles)
+    _as_merge_error(check_delta_roles, config, target, roles)
     check_parameter_keys(config)
     check_lora_cache(config, options)
     for reference in referenced_models(config):
         locate(reference)
-    models = [target, source_base, *finetuned]
+    _as_merge_error(check_delta_inputs, config, target, roles, options)
+    models = [target, *filter(None, [inputs.source_base]), *inputs.deltas]
     configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
     _check_architectures(configs)
-    checkpoints = {m: read_checkpoint(m, options) for m in models}
+    checkpoints = {m: delta_checkpoint(m, options) or read_checkpoint(m, options) for m in models}
     check_floating_point(checkpoints)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
-    _check_tensors(checkpoints, configs, finetuned, allow_vocabulary)
+    _check_tensors(checkpoints, configs, inputs.deltas, allow_vocabulary)
     plan = plan_precision(config, {model: c.dtypes for model, c in checkpoints.items()})
-    return TransferInputs(target, source_base, finetuned, checkpoints, plan.config, plan.message)
+    return TransferInputs(
+        target,
+        inputs.source_base,
+        inputs.finetuned,
+        [model for model in inputs.deltas if model in inputs.stored],
+        checkpoints,
+        plan.config,
+        plan.message,
+    )
+
+
+def _as_merge_error(check, *args) -> None:
+    """Run a delta check; its :class:`DeltaError` reaches the user as mergekit's ``Error:``."""
+    try:
+        check(*args)
+    except DeltaError as error:
+        raise FinetuningTransferError(str(error)) from None
 
 
 def check_output_path(out_path: str) -> None:

@@ -49,8 +49,9 @@ def configured_roles(config: MergeConfiguration, target: ModelReference) -> dict
         if role is None:
             raise FinetuningTransferError(
                 f"model {model} has no role: give it `parameters: {{role: source_finetuned}}` "
-                f"(a fine-tuned model whose delta is transferred) or "
-                f"`parameters: {{role: source_base}}` (the model it was fine-tuned from)."
+                f"(a fine-tuned model whose delta is transferred), "
+                f"`parameters: {{role: source_base}}` (the model it was fine-tuned from) or "
+                f"`parameters: {{role: delta}}` (a delta folder from ftt-delta extract)."
             )
         if roles.get(model, role) != role:
             raise FinetuningTransferError(f"model {model} is listed with two roles.")

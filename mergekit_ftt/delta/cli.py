@@ -1,0 +1,187 @@
+"""``ftt-delta``: extract a fine-tuning delta once, inspect it, apply it with mergekit-yaml.
+
+    ftt-delta extract RECIPE.yml OUT_DIR            # the recipe's source_finetuned − source_base
+    ftt-delta extract OUT_DIR --finetuned X --base Y
+    ftt-delta extract ... --dtype bfloat16 --no-exact         # rounded, half of float32
+    ftt-delta extract ... --compress dare --density 0.1       # sparse, mergekit's sparsify
+    ftt-delta extract ... --compress sign --scale row         # 1 bit per element
+    ftt-delta info OUT_DIR [--tensors] [--json] [--verify]
+
+Apply: a recipe input ``{model: OUT_DIR, parameters: {role: delta, weight: α}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergekit_ftt import METHOD_NAME
+from mergekit_ftt.cli import FttError, Stages, entry_point, library_logs
+
+PROG = "ftt-delta"
+DTYPES = ("bfloat16", "float16", "float32", "float64")
+_SIZE = re.compile(r"^\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)b?\s*$", re.IGNORECASE)
+
+
+def _size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 1GB or 500MB, got {text!r}")
+    number, unit = match.groups()
+    return int(float(number) * 1000 ** " kmgt".index(unit.lower() or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    extract = sub.add_parser(
+        "extract",
+        help="write Δ = finetuned − base to a delta folder",
+        description="Write Δ = finetuned − base to a delta folder, streaming tensor by tensor. "
+        "Give a finetuning_transfer RECIPE (its source_finetuned and source_base) and OUT_DIR, "
+        "or OUT_DIR with --finetuned and --base.",
+    )
+    extract.add_argument("paths", nargs="+", metavar="[RECIPE] OUT_DIR")
+    extract.add_argument("--finetuned", help="the fine-tuned model (Hub id or folder)")
+    extract.add_argument("--base", help="the model it was fine-tuned from")
+    extract.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="stored precision of Δ (default: the fine-tuned model's dtype)",
+    )
+    extract.add_argument(
+        "--no-exact",
+        dest="exact",
+        action="store_false",
+        help="dense: store Δ rounded to --dtype only; by default the elements the dtype "
+        "rounds are also stored exactly, so the transfer is bit-identical",
+    )
+    extract.add_argument(
+        "--compress",
+        choices=("none", "magnitude", "dare", "sign"),
+        default="none",
+        help="magnitude / dare: sparse through mergekit's sparsify (needs --density); "
+        "sign: 1 bit per element and a scale (BitDelta without distillation)",
+    )
+    extract.add_argument("--density", type=float, help="magnitude / dare: fraction kept")
+    extract.add_argument(
+        "--rescale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="magnitude / dare: rescale kept values to Δ's L1 norm (default: on for dare)",
+    )
+    extract.add_argument(
+        "--scale", choices=("row", "matrix"), default="row", help="sign: a scale per row or matrix"
+    )
+    extract.add_argument("--seed", type=int, default=0, help="dare: random seed")
+    extract.add_argument(
+        "--shard-size", type=_size, default=_size("1GB"), help="bytes per file (default 1GB)"
+    )
+    extract.add_argument(
+        "--no-source-hash",
+        dest="hash_sources",
+        action="store_false",
+        help="skip the sha256 of the two models' weights recorded in delta_config.json",
+    )
+    extract.add_argument("--overwrite", action="store_true", help="replace a delta in OUT_DIR")
+    extract.add_argument("--verbose", action="store_true", help="library logs on the terminal")
+    info = sub.add_parser("info", help="what a delta folder holds, and its reconstruction error")
+    info.add_argument("folder", type=Path)
+    info.add_argument("--tensors", action="store_true", help="one row per tensor as well")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    return parser
+
+
+def recipe_sources(recipe: Path) -> tuple[str, str]:
+    """(source_finetuned, source_base) of a finetuning_transfer recipe."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise FttError(f"cannot read recipe {recipe}: {error}") from None
+    if not isinstance(data, dict) or data.get("merge_method") != METHOD_NAME:
+        raise FttError(f"{recipe} is not a `merge_method: {METHOD_NAME}` recipe.")
+    roles: dict[str, list[str]] = {}
+    for entry in data.get("models") or []:
+        role = (entry.get("parameters") or {}).get("role")
+        roles.setdefault(role, []).append(str(entry.get("model")))
+    finetuned, bases = roles.get("source_finetuned", []), roles.get("source_base", [])
+    if len(finetuned) != 1 or len(bases) != 1:
+        raise FttError(
+            f"{recipe} has {len(finetuned)} source_finetuned and {len(bases)} source_base "
+            "models; extraction needs exactly one of each. Name them with "
+            f"`{PROG} extract OUT_DIR --finetuned MODEL --base MODEL`."
+        )
+    return finetuned[0], bases[0]
+
+
+def _sources(args: argparse.Namespace) -> tuple[str, str, Path]:
+    by_flags = args.finetuned is not None or args.base is not None
+    if by_flags:
+        if args.finetuned is None or args.base is None:
+            raise FttError("give both --finetuned and --base (or a recipe instead of both).")
+        if len(args.paths) != 1:
+            raise FttError("with --finetuned and --base, give only OUT_DIR.")
+        return args.finetuned, args.base, Path(args.paths[0])
+    if len(args.paths) != 2:
+        raise FttError("give RECIPE.yml OUT_DIR, or OUT_DIR with --finetuned and --base.")
+    finetuned, base = recipe_sources(Path(args.paths[0]))
+    return finetuned, base, Path(args.paths[1])
+
+
+def run_extract(args: argparse.Namespace) -> None:
+    finetuned, base, out = _sources(args)
+    stages = Stages(PROG)
+    with library_logs(out.with_name(out.name + ".log"), args.verbose):
+        from mergekit_ftt.delta.extract import ExtractOptions, extract
+        from mergekit_ftt.delta.info import describe, render
+
+        options = ExtractOptions(
+            dtype=args.dtype,
+            exact=args.exact,
+            compress=args.compress,
+            density=args.density,
+            rescale=args.rescale,
+            scale=args.scale,
+            seed=args.seed,
+            shard_bytes=args.shard_size,
+            hash_sources=args.hash_sources,
+            overwrite=args.overwrite,
+        )
+        config = extract(finetuned, base, out, options, progress=stages)
+    stages(f"wrote {out}")
+    print(render(describe(config, out)))
+    print(
+        f"\nApply it with mergekit-yaml, e.g.\n  models:\n    - model: {out}\n"
+        "      parameters: {role: delta, weight: 1.0}\n"
+        f"  tokenizer: {{source: {out}}}   # the fine-tuned model's tokenizer and chat template"
+    )
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from mergekit_ftt.delta.info import open_and_describe, render
+
+    facts = open_and_describe(args.folder, verify=args.verify)
+    if args.json:
+        if not args.tensors:
+            facts.pop("per_tensor")
+        print(json.dumps(facts, indent=2, ensure_ascii=False))
+    else:
+        print(render(facts, per_tensor=args.tensors))
+        if args.verify:
+            print("\nall files match the sha256 in delta_config.json")
+
+
+@entry_point(PROG)
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    {"extract": run_extract, "info": run_info}[args.command](args)
