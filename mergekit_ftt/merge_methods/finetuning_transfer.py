@@ -104,8 +104,8 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
     (drop the low mantissa bits, and set the lowest kept bit if any dropped bit was set):
     that is exact in float32, and rounding it to nearest in the output format then equals
     rounding ``value`` once (Boldo & Melquiond, "Emulation of FMA and correctly rounded
-    sums: proved algorithms using rounding to odd", 2008). All of it is in-place integer
-    work on float64 bit patterns, which torch runs at copy speed.
+    sums: proved algorithms using rounding to odd", 2008). All of it is four in-place
+    integer passes over the float64 bit patterns, which torch runs at copy speed.
 
     ``value`` (float64, contiguous) is overwritten; ``scratch`` is float64 of its size.
     """
@@ -114,9 +114,11 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
         dropped = 53 - (bits + 2)
         mask = (1 << dropped) - 1
         value_bits = value.view(torch.int64)
-        low = scratch.copy_(value).view(torch.int64).bitwise_and_(mask)
-        value_bits.bitwise_xor_(low)  # truncated towards zero
-        value_bits.bitwise_or_(low.add_(mask).bitwise_and_(1 << dropped))  # sticky bit
+        low = torch.bitwise_and(value_bits, mask, out=scratch.view(torch.int64))
+        # low + mask carries into bit `dropped` exactly when a dropped bit is set (the
+        # sticky bit); OR it in, then clear the dropped bits: truncation, lowest kept bit
+        # forced to 1 if anything was dropped.
+        value_bits.bitwise_or_(low.add_(mask)).bitwise_and_(~mask)
     out.copy_(value)
 
 
