@@ -33,7 +33,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, get_mask
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
-from mergekit_ftt import METHOD_NAME, PAPER_URL
+from mergekit_ftt import METHOD_NAME, PAPER_URL, readahead
 
 # Elements per float64 work chunk: the three 8 MiB scratch buffers, allocated once per
 # tensor and reused for each chunk, stay in the 32 MiB last-level cache, so every pass over
@@ -233,6 +233,7 @@ def finetuning_transfer(
     kernel's result a second time when it writes ``out_dtype``.
     """
     source_base_id, finetuned_ids = split_roles(role)
+    readahead.reached(group.metadata.name)
     entries = {entry.id: entry.tensor for entry in group.non_base}
     target = group.base.tensor
     finetuned = [entries[model] for model in finetuned_ids]
