@@ -50,9 +50,11 @@ def _check_before_run_merge(merge_module: ModuleType) -> None:
     def checked_run_merge(merge_config, out_path, options, *args, **kwargs):
         from mergekit_ftt.outputs import copy_generation_config
         from mergekit_ftt.preflight import check_merge
+        from mergekit_ftt.readahead import reading_ahead
 
         check_merge(merge_config, out_path, options)
-        result = run_merge(merge_config, out_path, options, *args, **kwargs)
+        with reading_ahead(merge_config):
+            result = run_merge(merge_config, out_path, options, *args, **kwargs)
         copy_generation_config(merge_config, out_path, options)
         return result
 

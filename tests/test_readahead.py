@@ -6,10 +6,12 @@ import threading
 import time
 
 import torch
+import yaml
+from mergekit.config import MergeConfiguration
 from safetensors import safe_open
 
 from mergekit_ftt import readahead
-from mergekit_ftt.readahead import Extent, Readahead, tensor_extents
+from mergekit_ftt.readahead import Extent, Readahead, merge_plan, tensor_extents
 
 
 def test_extents_hold_each_tensors_bytes(llama):
@@ -23,6 +25,36 @@ def test_extents_hold_each_tensors_bytes(llama):
         with safe_open(extent.path, framework="pt") as handle:
             tensor = handle.get_tensor(name)
         assert torch.equal(torch.frombuffer(raw, dtype=tensor.dtype).view(tensor.shape), tensor)
+
+
+def test_plan_follows_the_order_mergekit_merges_in(llama, tmp_path, monkeypatch):
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    folders = [llama.model(name, seed) for name, seed in (("target", 1), ("ft", 2), ("sb", 3))]
+    recipe = {
+        "merge_method": "finetuning_transfer",
+        "base_model": str(folders[0]),
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(folders[1]), "parameters": {"role": "source_finetuned"}},
+            {"model": str(folders[2]), "parameters": {"role": "source_base"}},
+        ],
+    }
+    merged_in_order = []
+    original = Readahead.reached
+
+    def record(self, name):
+        merged_in_order.append(name)
+        original(self, name)
+
+    monkeypatch.setattr(Readahead, "reached", record)
+    config = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe)))
+    run_merge(config, str(tmp_path / "out"), MergeOptions(quiet=True))
+
+    plan = merge_plan(folders)
+    assert merged_in_order == [name for name, _ in plan]
+    assert all(len(extents) == 3 for _, extents in plan)
 
 
 def test_reads_at_most_a_window_ahead_of_the_merge(tmp_path):
