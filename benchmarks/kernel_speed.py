@@ -51,7 +51,8 @@ def timed(work) -> tuple[tuple[float, float], object]:
     return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
-def measure(elements: int, threads: list[int], chunks: list[int], rounds: int) -> dict:
+def measure(elements: int, threads: list[int], chunks: list[int | None], rounds: int) -> dict:
+    """Throughput of each (threads, chunk) setting; chunk None: the kernel's defaults."""
     target, source_base, finetuned = inputs(elements)
     copy_out = torch.empty_like(target)
 
@@ -63,7 +64,7 @@ def measure(elements: int, threads: list[int], chunks: list[int], rounds: int) -
         ("kernel", n, chunk) for n in threads for chunk in chunks
     ]
     samples: dict[str, list[tuple[float, float]]] = {}
-    default_chunk = kernel.CHUNK_ELEMENTS
+    defaults = kernel.CHUNK_ELEMENTS, kernel.SINGLE_THREAD_CHUNK_ELEMENTS
     try:
         for _ in range(rounds):
             for name, thread_count, chunk in settings:
@@ -72,14 +73,17 @@ def measure(elements: int, threads: list[int], chunks: list[int], rounds: int) -
                     sample, _ = timed(lambda: copy_out.copy_(target))
                     key = f"memcpy, {thread_count} thread(s)"
                 else:
-                    kernel.CHUNK_ELEMENTS = chunk
+                    sizes = (chunk, chunk) if chunk else defaults
+                    kernel.CHUNK_ELEMENTS, kernel.SINGLE_THREAD_CHUNK_ELEMENTS = sizes
                     sample, merged = timed(transfer)
                     if not torch.equal(merged, reference):
                         raise RuntimeError(f"chunk {chunk}: output differs")
-                    key = f"kernel, {thread_count} thread(s), chunk 2^{chunk.bit_length() - 1}"
+                    size = kernel._threads_and_chunk(target.device)[1]
+                    key = f"kernel, {thread_count} thread(s), chunk 2^{size.bit_length() - 1}"
+                    key += "" if chunk else " (default)"
                 samples.setdefault(key, []).append(sample)
     finally:
-        kernel.CHUNK_ELEMENTS = default_chunk
+        kernel.CHUNK_ELEMENTS, kernel.SINGLE_THREAD_CHUNK_ELEMENTS = defaults
     return {key: summarize(values, elements) for key, values in samples.items()}
 
 
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--elements", type=int, default=1 << 25)
     parser.add_argument("--threads", default="1", help="comma-separated torch thread counts")
     parser.add_argument(
-        "--chunks", default="17", help="comma-separated log2 of CHUNK_ELEMENTS to try"
+        "--chunks",
+        default="",
+        help="comma-separated log2 of the chunk sizes to try besides the kernel's defaults",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results")
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     result["settings"] = measure(
         args.elements,
         [int(n) for n in args.threads.split(",")],
-        [1 << int(n) for n in args.chunks.split(",")],
+        [None, *(1 << int(n) for n in args.chunks.split(",") if n)],
         args.rounds,
     )
     result["load_average_end"] = os.getloadavg()

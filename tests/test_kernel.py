@@ -81,6 +81,21 @@ def test_dense_transfer_is_float64_rounded_once(dtype, shape):
     assert torch.equal(merged, rounded(expected, dtype))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dense_transfer_is_the_same_on_any_number_of_threads(threads):
+    """Chunks are taken by whichever kernel thread is free; each is rounded on its own."""
+    tensors = random_inputs((10 * CHUNK_ELEMENTS + 77,), torch.bfloat16, seed=4)
+    weights = {"ft_a": 0.3, "ft_b": 1.0}
+    expected = rounded(numpy_reference(*tensors, 0.3, 1.0), torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        merged = transfer(tensors, weight=weights)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(merged, expected)
+
+
 def test_bf16_transfer_differs_from_bf16_task_arithmetic():
     """Why the method computes in float64: bf16 arithmetic mis-rounds many elements."""
     target, ft, _, source_base = random_inputs((256, 256), torch.bfloat16, seed=3)
