@@ -6,10 +6,11 @@ mergekit 0.1.5 has no plugin entry points: its method registry is filled when
 for two mergekit modules and extends each right after it has run:
 
 - ``mergekit.merge_methods``: register ``finetuning_transfer`` in the registry;
-- ``mergekit.merge``: wrap ``run_merge`` so that a ``finetuning_transfer`` merge is
-  checked (:mod:`mergekit_ftt.preflight`) before anything is loaded or written, and its
-  output gets the generation config that goes with its tokenizer
-  (:mod:`mergekit_ftt.outputs`). The entry points (``mergekit-yaml``,
+- ``mergekit.merge``: wrap ``run_merge`` so that a ``finetuning_transfer`` merge runs
+  with the plugin's defaults for the options the user left (:mod:`mergekit_ftt.merge_options`),
+  is checked (:mod:`mergekit_ftt.preflight`) before anything is loaded or written, reads
+  its inputs ahead (:mod:`mergekit_ftt.readahead`), and its output gets the generation
+  config that goes with its tokenizer (:mod:`mergekit_ftt.outputs`). The entry points (``mergekit-yaml``,
   ``mergekit-multi``) import ``run_merge`` from there.
 
 Until then nothing is imported, so interpreters that never touch mergekit pay only for
@@ -48,10 +49,12 @@ def _check_before_run_merge(merge_module: ModuleType) -> None:
 
     @functools.wraps(run_merge)
     def checked_run_merge(merge_config, out_path, options, *args, **kwargs):
+        from mergekit_ftt.merge_options import transfer_options
         from mergekit_ftt.outputs import copy_generation_config
         from mergekit_ftt.preflight import check_merge
         from mergekit_ftt.readahead import reading_ahead
 
+        options = transfer_options(merge_config, options)
         check_merge(merge_config, out_path, options)
         with reading_ahead(merge_config):
             result = run_merge(merge_config, out_path, options, *args, **kwargs)
