@@ -7,10 +7,11 @@ for two mergekit modules and extends each right after it has run:
 
 - ``mergekit.merge_methods``: register ``finetuning_transfer`` in the registry;
 - ``mergekit.merge``: wrap ``run_merge`` so that a ``finetuning_transfer`` merge runs
-  with the plugin's defaults for the options the user left (:mod:`mergekit_ftt.merge_options`),
-  is checked (:mod:`mergekit_ftt.preflight`) before anything is loaded or written, reads
-  its inputs ahead (:mod:`mergekit_ftt.readahead`), and its output gets the generation
-  config that goes with its tokenizer (:mod:`mergekit_ftt.outputs`). The entry points (``mergekit-yaml``,
+  with the plugin's defaults for the options the user left
+  (:mod:`mergekit_ftt.merge_options`), is checked (:mod:`mergekit_ftt.preflight`) before
+  anything is loaded or written, reads its inputs ahead (:mod:`mergekit_ftt.readahead`),
+  and its output gets the generation config that goes with its tokenizer
+  (:mod:`mergekit_ftt.outputs`). The entry points (``mergekit-yaml``,
   ``mergekit-multi``) import ``run_merge`` from there.
 
 Until then nothing is imported, so interpreters that never touch mergekit pay only for
@@ -55,7 +56,7 @@ def _check_before_run_merge(merge_module: ModuleType) -> None:
         from mergekit_ftt.readahead import reading_ahead
 
         options = transfer_options(merge_config, options)
-        check_merge(merge_config, out_path, options)
+        merge_config = check_merge(merge_config, out_path, options)
         with reading_ahead(merge_config):
             result = run_merge(merge_config, out_path, options, *args, **kwargs)
         copy_generation_config(merge_config, out_path, options)

@@ -10,6 +10,7 @@ and the fix. The start-up hook runs it at the top of mergekit's ``run_merge``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,14 +22,18 @@ from transformers import PretrainedConfig
 
 from mergekit_ftt import METHOD_NAME
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError, split_roles
+from mergekit_ftt.precision import plan_precision
 
 _MAX_LISTED = 5
 
 
-def check_merge(config: MergeConfiguration, out_path: str, options: MergeOptions) -> None:
-    """Raise :class:`FinetuningTransferError` if this merge cannot succeed as configured."""
+def check_merge(
+    config: MergeConfiguration, out_path: str, options: MergeOptions
+) -> MergeConfiguration:
+    """Raise :class:`FinetuningTransferError` if this merge cannot succeed as configured;
+    return the configuration to run (its precision chosen by :mod:`mergekit_ftt.precision`)."""
     if config.merge_method != METHOD_NAME:
-        return
+        return config
     check_output_path(out_path)
     target = config.base_model
     if target is None:
@@ -42,7 +47,15 @@ def check_merge(config: MergeConfiguration, out_path: str, options: MergeOptions
     configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
     _check_architectures(configs)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
-    _check_tensors(configs, finetuned, options, allow_vocabulary)
+    headers = {model: _tensor_headers(model, options) for model in models}
+    _check_tensors(configs, finetuned, headers, allow_vocabulary)
+    plan = plan_precision(
+        config,
+        {model: {dtype for _, dtype in header.values()} for model, header in headers.items()},
+    )
+    if plan.message:
+        print(plan.message, file=sys.stderr)
+    return plan.config
 
 
 def check_output_path(out_path: str) -> None:
@@ -112,13 +125,16 @@ def _architecture(config: PretrainedConfig) -> tuple[str, str]:
 def _check_tensors(
     configs: dict[ModelReference, PretrainedConfig],
     finetuned: list[ModelReference],
-    options: MergeOptions,
+    headers: dict[ModelReference, dict[str, tuple[tuple[int, ...], str]]],
     allow_vocabulary: bool,
 ) -> None:
     if any(model.lora for model in configs):
         return  # LoRA inputs are merged by mergekit first; their shapes are known only then
     target, *others = configs
-    shapes = {model: _tensor_shapes(model, options) for model in configs}
+    shapes = {
+        model: {name: shape for name, (shape, _) in header.items()}
+        for model, header in headers.items()
+    }
     vocab = {model: config.get_text_config().vocab_size for model, config in configs.items()}
     tied = {
         model: getattr(config, "tie_word_embeddings", False) for model, config in configs.items()
@@ -165,14 +181,20 @@ def _is_vocabulary_mismatch(
     return len(differing) == 1 and {a[differing[0]], b[differing[0]]} == {vocab_a, vocab_b}
 
 
-def _tensor_shapes(model: ModelReference, options: MergeOptions) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from safetensors headers; names only (shape ``()``) for .bin files."""
+def _tensor_headers(
+    model: ModelReference, options: MergeOptions
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and stored dtype (safetensors' name, e.g. ``"BF16"``) from the
+    safetensors headers; ``((), "")`` for tensors in .bin files, which are not read."""
+    if model.lora:
+        return {}
     index = model.tensor_index(options.transformers_cache)
-    shapes = dict.fromkeys(index.tensor_paths, ())
+    headers = dict.fromkeys(index.tensor_paths, ((), ""))
     for shard in set(index.tensor_paths.values()):
         if not shard.endswith(".safetensors"):
             continue
         with safe_open(os.path.join(index.base_path, shard), framework="pt") as file:
             for name in file.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shapes[name] = tuple(file.get_slice(name).get_shape())
-    return shapes
+                tensor = file.get_slice(name)
+                headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+    return headers
