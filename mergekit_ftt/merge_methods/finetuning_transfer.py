@@ -224,7 +224,11 @@ def _transfer_chunks(
     )
     while (index := next_chunk()) < len(out):
         count = out[index].numel()
-        chunk_sum, chunk_base, chunk_scratch = delta_sum[:count], base[:count], scratch[:count]
+        chunk_sum, chunk_base, chunk_scratch = (
+            (delta_sum, base, scratch)
+            if count == size  # all chunks but the last: no views to make
+            else (delta_sum[:count], base[:count], scratch[:count])
+        )
         chunk_base.copy_(source_base[index])
         for position, (tensor, weight) in enumerate(zip(finetuned, weights, strict=True)):
             chunk_delta = chunk_scratch if position else chunk_sum
