@@ -41,9 +41,11 @@ LOG = logging.getLogger(__name__)
 # environment variable overrides it (0 turns reading ahead off).
 WINDOW_BYTES = 1 << 30
 WINDOW_VARIABLE = "MERGEKIT_FTT_READAHEAD_BYTES"
-# One WILLNEED call reads at most the device's readahead size (128 KiB on most Linux
-# systems, read_ahead_kb), so larger ranges are requested in steps of this size.
+# One WILLNEED call reads at most the device's readahead size (read_ahead_kb), so larger
+# ranges are requested in steps of that size: 128 KiB, Linux's default, where it cannot
+# be read, and at most 8 MiB.
 STEP_BYTES = 128 << 10
+MAX_STEP_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,20 @@ def merge_plan(folders: list[str | os.PathLike]) -> Plan:
     return [(name, [extents[name] for extents in per_input if name in extents]) for name in names]
 
 
+def request_step(path: str | os.PathLike) -> int:
+    """Bytes one WILLNEED call reads from the block device that holds ``path``."""
+    try:
+        device = os.stat(path).st_dev
+        block = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+        for queue in (block / "queue", block.resolve().parent / "queue"):  # partition: disk's
+            if (queue / "read_ahead_kb").exists():
+                kib = int((queue / "read_ahead_kb").read_text())
+                return min(max(kib << 10, STEP_BYTES), MAX_STEP_BYTES)
+    except (OSError, ValueError):
+        pass
+    return STEP_BYTES
+
+
 Advise = Callable[[int, int, int], None]  # (file descriptor, offset, length)
 
 
@@ -98,10 +114,12 @@ class Readahead:
         plan: Callable[[], Plan],
         window_bytes: int = WINDOW_BYTES,
         advise: Advise = _will_need,
+        step_bytes: int | None = None,
     ):
         self._make_plan = plan
         self._window = window_bytes
         self._advise = advise
+        self._step = step_bytes  # None: the readahead size of the inputs' disk
         self._positions: dict[str, int] = {}
         self._current = 0
         self._closed = False
@@ -156,7 +174,9 @@ class Readahead:
     def _request(self, extents: list[Extent], files: dict[str, int]) -> None:
         """Request one tensor of every input, the inputs in step, as the kernel reads them."""
         longest = max(extent.end - extent.start for extent in extents)
-        for offset in range(0, longest, STEP_BYTES):
+        step = self._step or request_step(extents[0].path)
+        self._step = step
+        for offset in range(0, longest, step):
             if self._closed:
                 return
             for extent in extents:
@@ -164,7 +184,7 @@ class Readahead:
                 if start < extent.end:
                     if extent.path not in files:
                         files[extent.path] = os.open(extent.path, os.O_RDONLY)
-                    self._advise(files[extent.path], start, min(STEP_BYTES, extent.end - start))
+                    self._advise(files[extent.path], start, min(step, extent.end - start))
 
 
 _active: Readahead | None = None

@@ -11,7 +11,7 @@ from mergekit.config import MergeConfiguration
 from safetensors import safe_open
 
 from mergekit_ftt import readahead
-from mergekit_ftt.readahead import Extent, Readahead, merge_plan, tensor_extents
+from mergekit_ftt.readahead import Extent, Readahead, merge_plan, request_step, tensor_extents
 
 
 def test_extents_hold_each_tensors_bytes(llama):
@@ -79,7 +79,7 @@ def test_reads_at_most_a_window_ahead_of_the_merge(tmp_path):
         time.sleep(0.2)  # and nothing more arrives
         return len(requested)
 
-    reader = Readahead(lambda: plan, window_bytes=3 * step, advise=advise)
+    reader = Readahead(lambda: plan, window_bytes=3 * step, advise=advise, step_bytes=step)
     reader.start()
     assert wait_for(6) == 6  # tensors 0–2: one step of each input each
     reader.reached("t4")  # the merge moved on: tensor 3 is skipped, 4–6 read
@@ -88,3 +88,9 @@ def test_reads_at_most_a_window_ahead_of_the_merge(tmp_path):
     reader.reached("unknown")  # a name outside the plan changes nothing
     assert wait_for(12) == 12
     reader.close()
+
+
+def test_requests_are_as_large_as_the_disks_readahead(tmp_path):
+    step = request_step(tmp_path)
+    assert readahead.STEP_BYTES <= step <= readahead.MAX_STEP_BYTES
+    assert step % 4096 == 0
