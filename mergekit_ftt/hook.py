@@ -14,19 +14,16 @@ for two mergekit modules and extends each right after it has run:
   (:mod:`mergekit_ftt.outputs`). The entry points (``mergekit-yaml``,
   ``mergekit-multi``) import ``run_merge`` from there.
 
-Until then nothing is imported, so interpreters that never touch mergekit pay only for
-this stdlib-only module, and a missing mergekit breaks nothing.
+The ``.pth`` line runs in every interpreter of the environment, so this module imports
+nothing but ``sys`` (no ``importlib.abc``, ``functools`` or ``typing``: they pull in
+``pathlib``, ``tempfile`` and more); the finder and loader are duck-typed. If extending
+mergekit fails (a later mergekit moved a symbol), the plugin switches itself off with one
+warning and mergekit runs as if it were not installed.
 """
 
-from __future__ import annotations
-
-import functools
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
-from collections.abc import Callable
-from types import ModuleType
+
+SUPPORTED_MERGEKIT = "mergekit==0.1.5"
 
 
 def register() -> None:
@@ -43,74 +40,174 @@ def register() -> None:
         registry.register(finetuning_transfer)
 
 
-def _check_before_run_merge(merge_module: ModuleType) -> None:
+def _unregister() -> None:
+    """Take ``finetuning_transfer`` out of mergekit's registry again, if it is there.
+
+    A merge of the method without the checks of :func:`_check_before_run_merge` would
+    skip the preflight (dtype policy, overwrite protection), so a half-installed plugin
+    is worse than none. mergekit has no public way to unregister: this is best effort.
+    """
+    from mergekit_ftt import METHOD_NAME
+
+    registry = sys.modules.get("mergekit.merge_methods.registry")
+    methods = getattr(registry, "_METHODS", None)
+    if isinstance(methods, dict):
+        methods.pop(METHOD_NAME, None)
+
+
+def _check_before_run_merge(merge_module) -> None:
+    import functools
+    import inspect
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
     run_merge = merge_module.run_merge
     if getattr(run_merge, "_ftt_checked", False):
         return
+    signature = inspect.signature(run_merge)
 
     @functools.wraps(run_merge)
-    def checked_run_merge(merge_config, out_path, options, *args, **kwargs):
+    def checked_run_merge(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return run_merge(*args, **kwargs)  # mergekit reports the wrong call itself
+        arguments = bound.arguments
+        config_name = _argument_of_type(arguments, MergeConfiguration)
+        options_name = _argument_of_type(arguments, MergeOptions)
+        out_path = arguments.get("out_path", _first_of_type(arguments, str))
+        if config_name is None or options_name is None or not isinstance(out_path, str):
+            return run_merge(*args, **kwargs)
+
         from mergekit_ftt.merge_options import transfer_options
         from mergekit_ftt.outputs import copy_generation_config
         from mergekit_ftt.preflight import check_merge
         from mergekit_ftt.readahead import reading_ahead
 
-        options = transfer_options(merge_config, options)
-        merge_config = check_merge(merge_config, out_path, options)
-        with reading_ahead(merge_config):
-            result = run_merge(merge_config, out_path, options, *args, **kwargs)
-        copy_generation_config(merge_config, out_path, options)
+        options = arguments[options_name] = transfer_options(
+            arguments[config_name], arguments[options_name]
+        )
+        arguments[config_name] = config = check_merge(arguments[config_name], out_path, options)
+        with reading_ahead(config):
+            result = run_merge(*bound.args, **bound.kwargs)
+        copy_generation_config(config, out_path, options)
         return result
 
     checked_run_merge._ftt_checked = True
     merge_module.run_merge = checked_run_merge
 
 
-_AFTER_IMPORT: dict[str, Callable[[ModuleType], None]] = {
+def _argument_of_type(arguments, kind) -> "str | None":
+    return next((name for name, value in arguments.items() if isinstance(value, kind)), None)
+
+
+def _first_of_type(arguments, kind):
+    name = _argument_of_type(arguments, kind)
+    return None if name is None else arguments[name]
+
+
+_AFTER_IMPORT = {
     "mergekit.merge_methods": lambda _module: register(),
     "mergekit.merge": _check_before_run_merge,
 }
 
+_disabled = False
 
-class _ExtendAfterExec(importlib.abc.Loader):
-    """Runs a module's real loader, then its entry in ``_AFTER_IMPORT``."""
 
-    def __init__(self, loader: importlib.abc.Loader, extend: Callable[[ModuleType], None]):
+def _disable(module_name: str, error: BaseException) -> None:
+    """Switch the plugin off for this process with one warning; mergekit keeps working."""
+    import contextlib
+
+    global _disabled
+    if _disabled:
+        return
+    _disabled = True
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _MergekitFinder)]
+    with contextlib.suppress(Exception):  # never let the clean-up break mergekit either
+        _unregister()
+    version = getattr(sys.modules.get("mergekit"), "__version__", "")
+    print(
+        f"mergekit-ftt: warning: could not extend {module_name} ({type(error).__name__}: "
+        f"{error}); finetuning_transfer is unavailable and mergekit{' ' + version if version else ''}"
+        f" runs without it. mergekit-ftt supports {SUPPORTED_MERGEKIT}.",
+        file=sys.stderr,
+    )
+
+
+def _extend(module_name: str, module) -> None:
+    if _disabled:
+        return
+    try:
+        _AFTER_IMPORT[module_name](module)
+    except Exception as error:  # a broken plugin must never break mergekit
+        _disable(module_name, error)
+
+
+class _ExtendAfterExec:
+    """Runs a module's real loader, then extends the module.
+
+    Everything else (``get_resource_reader``, ``get_filename``, ``is_package`` …) is the
+    real loader's, so ``importlib.resources`` and friends see no difference.
+    """
+
+    def __init__(self, loader) -> None:
         self._loader = loader
-        self._extend = extend
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+    def __getattr__(self, name: str):
+        if name == "_loader":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
         return self._loader.create_module(spec)
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        self._extend(module)
+        _extend(module.__name__, module)
 
 
-class _MergekitFinder(importlib.abc.MetaPathFinder):
+class _MergekitFinder:
+    """A ``sys.meta_path`` finder that answers only for the modules in ``_AFTER_IMPORT``.
+
+    It asks the finders after it for the real spec and wraps that spec's loader; it never
+    removes itself from ``sys.meta_path`` (another thread may be importing meanwhile).
+    """
+
+    def __init__(self) -> None:
+        self._finding: set[str] = set()
+
     def find_spec(self, fullname, path=None, target=None):
-        extend = _AFTER_IMPORT.get(fullname)
-        if extend is None:
+        if fullname not in _AFTER_IMPORT or fullname in self._finding or _disabled:
             return None
-        # Find the real spec with the other finders, then wrap its loader.
-        sys.meta_path.remove(self)
+        self._finding.add(fullname)  # a finder below may ask the import system again
         try:
-            spec = importlib.util.find_spec(fullname)
+            spec = self._find_below(fullname, path, target)
         finally:
-            sys.meta_path.insert(0, self)
+            self._finding.discard(fullname)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _ExtendAfterExec(spec.loader, extend)
+        spec.loader = _ExtendAfterExec(spec.loader)
         return spec
+
+    def _find_below(self, fullname, path, target):
+        meta_path = sys.meta_path
+        below = meta_path[meta_path.index(self) + 1 :] if self in meta_path else meta_path
+        for finder in below:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec is not None else None
+            if spec is not None:
+                return spec
+        return None
 
 
 def install() -> None:
     """Extend mergekit now if it is imported, else when it is (idempotent; never raises)."""
     try:
-        for name, extend in _AFTER_IMPORT.items():
+        for name in _AFTER_IMPORT:
             if name in sys.modules:
-                extend(sys.modules[name])
-        if not any(isinstance(finder, _MergekitFinder) for finder in sys.meta_path):
+                _extend(name, sys.modules[name])
+        if not _disabled and not any(isinstance(f, _MergekitFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, _MergekitFinder())
     except Exception as error:  # a broken plugin must never break the interpreter
-        print(f"mergekit-ftt: start-up hook disabled: {error!r}", file=sys.stderr)
+        print(f"mergekit-ftt: warning: start-up hook disabled: {error!r}", file=sys.stderr)

@@ -28,6 +28,7 @@ def copy_generation_config(
     source = config.tokenizer.source
     if not isinstance(source, ModelReference):
         return
-    donor = Path(source.local_path(cache_dir=options.transformers_cache))
+    # For a BASE+ADAPTER source, the base model's folder: an adapter has no generation config.
+    donor = Path(source.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
     if (donor / "generation_config.json").exists():
         shutil.copy(donor / "generation_config.json", Path(out_path) / "generation_config.json")

@@ -21,14 +21,6 @@ from mergekit.config import MergeConfiguration
 
 from mergekit_ftt import METHOD_NAME
 
-# safetensors' names of the floating-point dtypes, as torch dtypes.
-SAFETENSORS_FLOATS = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-}
-
 
 @dataclass(frozen=True)
 class PrecisionPlan:
@@ -48,13 +40,13 @@ def holds_exactly(container: torch.dtype, dtype: torch.dtype) -> bool:
 
 
 def plan_precision(
-    config: MergeConfiguration, stored: Mapping[ModelReference, Iterable[str]]
+    config: MergeConfiguration, stored: Mapping[ModelReference, Iterable[torch.dtype]]
 ) -> PrecisionPlan:
     """Choose ``dtype``, ``out_dtype`` and ``output_dtype`` for this merge.
 
-    ``stored`` maps each input model to the safetensors dtype names of its tensors
-    (``"BF16"``, ``"F32"``, …; non-floating tensors are ignored). The recipe is returned
-    unchanged when it rounds nothing early and writes its merge dtype.
+    ``stored`` maps each input model to the floating-point dtypes its weight files store.
+    The recipe is returned unchanged when it rounds nothing early and writes its merge
+    dtype.
     """
     if config.merge_method != METHOD_NAME:
         return PrecisionPlan(config)
@@ -62,9 +54,8 @@ def plan_precision(
     output = dtype_from_name(config.out_dtype) or merge_dtype
     wider = {}
     if merge_dtype is not None:  # without a dtype mergekit loads tensors as stored
-        for model, names in stored.items():
-            dtypes = {SAFETENSORS_FLOATS[name] for name in names if name in SAFETENSORS_FLOATS}
-            if unheld := [d for d in dtypes if not holds_exactly(merge_dtype, d)]:
+        for model, dtypes in stored.items():
+            if unheld := [d for d in set(dtypes) if not holds_exactly(merge_dtype, d)]:
                 wider[model] = sorted(unheld, key=str)
     parameters = dict(config.parameters or {})
     if "output_dtype" not in parameters and output is not None and (wider or output != merge_dtype):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -9,9 +12,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import OFFLINE_ENV, run_cli
+from helpers import OFFLINE_ENV, merge, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def outer_site_dirs() -> list[str]:
+    """The site-packages folders of the interpreter running the tests."""
+    dirs = site.getsitepackages()
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return dirs
 
 
 def python_says(python: str, code: str, **env: str | None) -> str:
@@ -59,6 +70,105 @@ def test_python_starts_when_mergekit_is_missing(tmp_path):
     assert python_says(sys.executable, "print('started')", PYTHONPATH=str(tmp_path)) == "started"
 
 
+def test_hook_imports_nothing_at_start_up():
+    """The .pth line runs in every interpreter: it may load only the hook module itself.
+
+    (``-S``: without site, so that the modules other .pth files load do not count.)
+    """
+    code = (
+        "import sys; before = set(sys.modules); import mergekit_ftt.hook;"
+        "print(sorted(set(sys.modules) - before))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={**OFFLINE_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), *outer_site_dirs()])},
+        capture_output=True,
+        text=True,
+    )
+    assert result.stdout.strip() == "['mergekit_ftt', 'mergekit_ftt.hook']", result.stderr
+
+
+def test_wrapped_loader_is_the_real_one_to_everyone_else():
+    code = (
+        "import importlib.resources, sys, mergekit.merge_methods as m;"
+        "loader = m.__spec__.loader;"
+        "print(type(loader).__name__, loader.is_package('mergekit.merge_methods'),"
+        " loader.get_filename('mergekit.merge_methods') == m.__file__,"
+        " importlib.resources.files('mergekit.merge_methods').joinpath('registry.py').is_file())"
+    )
+    assert python_says(sys.executable, code) == "_ExtendAfterExec True True True"
+
+
+def test_finder_stays_on_meta_path_while_it_finds():
+    """It asks the finders below it; it never takes itself off ``sys.meta_path``."""
+    code = (
+        "import sys; from mergekit_ftt.hook import _MergekitFinder\n"
+        "seen = []\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mergekit.merge_methods':\n"
+        "            seen.append([type(f).__name__ for f in sys.meta_path][:2])\n"
+        "sys.meta_path.insert(1, Watch())\n"
+        "import mergekit.merge_methods\n"
+        "print(seen)"
+    )
+    assert python_says(sys.executable, code) == "[['_MergekitFinder', 'Watch']]"
+
+
+def moved_symbol_mergekit(root: Path, old: str, new: str) -> Path:
+    """A copy of the installed mergekit with ``old`` renamed ``new`` in every module (its
+    own callers included), as a later mergekit release might move a symbol."""
+    import mergekit
+
+    copy = root / "mergekit"
+    shutil.copytree(
+        Path(mergekit.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    sources = [file for file in copy.rglob("*.py") if old in file.read_text()]
+    assert sources, f"{old} is not in mergekit"
+    for file in sources:
+        file.write_text(file.read_text().replace(old, new))
+    return root
+
+
+def test_moved_registry_symbol_disables_the_plugin_and_mergekit_merges(llama, tmp_path):
+    fake = moved_symbol_mergekit(tmp_path / "fake", "registered_methods", "available_methods")
+    recipe = {
+        "merge_method": "linear",
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(llama.model("target", 1)), "parameters": {"weight": 0.5}},
+            {"model": str(llama.model("ft_a", 3)), "parameters": {"weight": 0.5}},
+        ],
+    }
+    result, out = merge(recipe, tmp_path, env={**OFFLINE_ENV, "PYTHONPATH": str(fake)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "config.json").exists()
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("mergekit-ftt")]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert "could not extend mergekit.merge_methods (AttributeError" in warnings[0]
+    assert "finetuning_transfer is unavailable" in warnings[0]
+    assert "mergekit==0.1.5" in warnings[0]
+
+
+def test_moved_run_merge_unregisters_the_method_with_one_warning(tmp_path):
+    fake = moved_symbol_mergekit(tmp_path / "fake", "def run_merge(", "def run(")
+    code = (
+        "import mergekit.merge_methods as m, mergekit.merge;"
+        "print([x.spec.name for x in m.registered_methods()].count('finetuning_transfer'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**OFFLINE_ENV, "PYTHONPATH": str(fake)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("mergekit-ftt")]
+    assert len(warnings) == 1 and "could not extend mergekit.merge (AttributeError" in warnings[0]
+
+
 def test_mergekit_yaml_help_runs():
     result = run_cli("mergekit-yaml", "--help")
     assert result.returncode == 0, result.stderr
@@ -79,8 +189,14 @@ def test_wheel_install_registers_through_pth(tmp_path):
     assert not any(name.split("/")[0] in {"training", "eval", "tests"} for name in names)
 
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
     python = str(env_dir / "bin" / "python")
+    # mergekit, torch & co. come from the environment running the tests, which may itself
+    # be a virtualenv (system_site_packages would show the base interpreter's instead).
+    # As plain path lines, the .pth files in those folders (an editable install of this
+    # checkout) are not processed: only the wheel's .pth can register the method.
+    nested_site = python_says(python, "import sysconfig; print(sysconfig.get_path('purelib'))")
+    (Path(nested_site) / "outer_environment.pth").write_text("\n".join(outer_site_dirs()) + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", str(wheel)],
         check=True, env=OFFLINE_ENV,

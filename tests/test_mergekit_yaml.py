@@ -3,48 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import load_weights, run_cli
+from helpers import load_weights, merge, reference, run_cli, transfer_recipe
+from mergekit.common import ModelReference
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def transfer_recipe(target, finetuned, source_base, **extra) -> dict:
-    """A finetuning_transfer recipe; ``finetuned`` is a list of (path, weight)."""
-    models = [
-        {"model": str(path), "parameters": {"role": "source_finetuned", "weight": weight}}
-        for path, weight in finetuned
-    ]
-    models.append({"model": str(source_base), "parameters": {"role": "source_base"}})
-    return {
-        "merge_method": "finetuning_transfer",
-        "base_model": str(target),
-        "dtype": "bfloat16",
-        "models": models,
-        **extra,
-    }
-
-
-def merge(recipe: dict, tmp_path: Path, command: tuple[str, ...] = ("mergekit-yaml",)):
-    config = tmp_path / "recipe.yml"
-    config.write_text(yaml.safe_dump(recipe))
-    out = tmp_path / "out"
-    return run_cli(*command, str(config), str(out)), out
-
-
-def reference(target, pairs, source_base, rows=None) -> dict[str, torch.Tensor]:
-    """float64 ``target + Σ w (ft − source_base)`` rounded once to bf16, per tensor."""
-    result = {}
-    for name, target_tensor in target.items():
-        total = torch.zeros(target_tensor.shape, dtype=torch.float64)
-        for weights, weight in pairs:
-            finetuned = weights[name][: target_tensor.shape[0]] if rows else weights[name]
-            total += weight * (finetuned.double() - source_base[name].double())
-        result[name] = (total + target_tensor.double()).to(torch.bfloat16)
-    return result
+from mergekit_ftt.preflight import read_checkpoint
 
 
 def test_two_deltas_match_float64_reference_bit_for_bit(llama, tmp_path):
@@ -151,17 +121,124 @@ def test_olmo2_through_python_m_fallback(olmo2, tmp_path, python_bin):
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "olmo2"
 
 
-@pytest.mark.slow
-def test_failure_midway_leaves_no_complete_model(llama, tmp_path):
-    """A shard whose header is fine but whose data is cut off fails during the merge."""
+def test_relative_local_folders_offline(llama, tmp_path):
+    """`models: [{model: ft_a}]` relative to the working directory: mergekit's model card
+    would ask the Hub whether `ft_a` is a repository, after the weights are written."""
+    llama.model("target", 1), llama.model("source_base", 2), llama.model("ft_a", 3)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(transfer_recipe("target", [("ft_a", 1.0)], "source_base")))
+    out = tmp_path / "out"
+    result = run_cli("mergekit-yaml", str(recipe), str(out), cwd=llama.root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"README.md", "tokenizer.json", "config.json"} <= {p.name for p in out.iterdir()}
+    expected = reference(
+        load_weights(llama.root / "target"),
+        [(load_weights(llama.root / "ft_a"), 1.0)],
+        load_weights(llama.root / "source_base"),
+    )
+    merged = load_weights(out)
+    assert all(torch.equal(merged[name], tensor) for name, tensor in expected.items())
+
+
+@pytest.mark.parametrize("lazy_unpickle", [False, True], ids=["torch.load", "lazy-unpickle"])
+def test_pickled_bin_finetune(lazy_unpickle, llama, tmp_path):
+    """A .bin-only checkpoint is merged as mergekit reads it, exactly; the note says how."""
     target, base = llama.model("target", 1), llama.model("source_base", 2)
-    broken = tmp_path / "broken_ft"
-    broken.mkdir()
-    for file in llama.model("ft", 3).iterdir():
-        data = file.read_bytes()
-        if file.suffix == ".safetensors":
-            data = data[: len(data) // 2]
-        (broken / file.name).write_bytes(data)
-    result, out = merge(transfer_recipe(target, [(broken, 1.0)], base), tmp_path)
-    assert result.returncode != 0
-    assert not (out / "config.json").exists()
+    pickled = tmp_path / "pickled"
+    shutil.copytree(llama.model("ft_a", 3), pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    options = ("--lazy-unpickle",) if lazy_unpickle else ()
+    result, out = merge(transfer_recipe(target, [(pickled, 1.0)], base), tmp_path, options=options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    note = f"mergekit-ftt: {pickled}/pytorch_model.bin is a pickled .bin file: mergekit loads"
+    assert (note in result.stderr) is not lazy_unpickle
+    expected = reference(
+        load_weights(target), [(load_weights(llama.model("ft_a", 3)), 1.0)], load_weights(base)
+    )
+    merged = load_weights(out)
+    assert all(torch.equal(merged[name], tensor) for name, tensor in expected.items())
+
+
+def test_dare_rescales_by_default(llama, tmp_path):
+    """`sparsification_method: random` without `rescale` rescales, as mergekit's dare_*."""
+    target = llama.model("target_fp32", 1, dtype="float32")
+    base = llama.model("source_base_fp32", 2, dtype="float32")
+    ft = llama.model("ft_fp32", 3, dtype="float32")
+    recipe = transfer_recipe(
+        target, [(ft, 1.0)], base, dtype="float32", parameters={"sparsification_method": "random"}
+    )
+    recipe["models"][0]["parameters"]["density"] = 0.5
+    result, out = merge(recipe, tmp_path, options=("--random-seed", "0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged, target_w = load_weights(out), load_weights(target)
+    ft_w, base_w = load_weights(ft), load_weights(base)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        kept = merged[name].double() - target_w[name].double()
+        full = ft_w[name].double() - base_w[name].double()
+        assert 0.4 < (kept != 0).double().mean() < 0.6  # about half the delta dropped...
+        assert kept.abs().sum() / full.abs().sum() == pytest.approx(1.0, rel=1e-4)  # ...rescaled
+
+
+@pytest.fixture(scope="module")
+def lora_finetune(llama, tmp_path_factory):
+    """A float32 source base and a PEFT LoRA adapter (random A and B) trained "on" it."""
+    from peft import LoraConfig, get_peft_model
+
+    base = llama.model("source_base_fp32", 2, dtype="float32")
+    adapter = tmp_path_factory.mktemp("lora") / "adapter"
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(adapter)
+    return base, adapter
+
+
+def test_lora_finetune_as_source_finetuned(lora_finetune, llama, tmp_path):
+    """`model: BASE+ADAPTER` with --lora-merge-cache: the delta is scaling · B @ A."""
+    base, adapter = lora_finetune
+    target = llama.model("target_fp32", 1, dtype="float32")
+    recipe = transfer_recipe(target, [(f"{base}+{adapter}", 1.0)], base, dtype="float32")
+    cache = tmp_path / "lora-cache"
+    result, out = merge(recipe, tmp_path, options=("--lora-merge-cache", str(cache)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged, target_w, base_w = load_weights(out), load_weights(target), load_weights(base)
+    lora = load_file(adapter / "adapter_model.safetensors")
+    scaling = 8 / 4  # lora_alpha / r
+    eps = torch.finfo(torch.float32).eps
+    for layer in (0, 1):
+        for projection in ("q_proj", "v_proj"):
+            module = f"model.layers.{layer}.self_attn.{projection}"
+            lora_b = lora[f"base_model.model.{module}.lora_B.weight"].double()
+            lora_a = lora[f"base_model.model.{module}.lora_A.weight"].double()
+            delta = scaling * (lora_b @ lora_a)
+            exact = target_w[f"{module}.weight"].double() + delta
+            # float32 rounding bound of peft's fl(W + fl(s · B @ A)) (r products summed) and
+            # of the output fl(target + delta): (r + 3) · eps · (|W| + |target| + s |B| |A|)
+            magnitude = (
+                base_w[f"{module}.weight"].double().abs()
+                + target_w[f"{module}.weight"].double().abs()
+                + scaling * (lora_b.abs() @ lora_a.abs())
+            )
+            error = (merged[f"{module}.weight"].double() - exact).abs()
+            assert (error <= (4 + 3) * eps * magnitude).all(), f"{module}: {error.max():.3g}"
+            assert delta.abs().min() > 0
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.embed_tokens.weight"):
+        assert torch.equal(merged[name], target_w[name])  # no adapter there: delta 0
+    # Bit for bit: target + (the merged copy mergekit kept in the cache − base), rounded once.
+    (merged_copy,) = cache.iterdir()
+    expected = reference(target_w, [(load_weights(merged_copy), 1.0)], base_w, dtype=torch.float32)
+    assert all(torch.equal(merged[name], tensor) for name, tensor in expected.items())
+
+
+def test_stored_dtypes_of_a_lora_input(lora_finetune, llama, capsys):
+    """What the preflight reports for ``BASE+ADAPTER``: the dtypes of the merged copy."""
+    _, adapter = lora_finetune
+    model = ModelReference.parse(f"{llama.model('source_base', 2)}+{adapter}")  # a bf16 base
+    in_base_dtype = read_checkpoint(model, MergeOptions(lora_merge_cache="unused"))
+    assert in_base_dtype.dtypes == {torch.bfloat16}
+    assert "rounds the adapter's update to bfloat16" in capsys.readouterr().err
+    options = MergeOptions(lora_merge_cache="unused", lora_merge_dtype="float32")
+    assert read_checkpoint(model, options).dtypes == {torch.float32}
+    assert capsys.readouterr().err == ""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import load_weights, run_cli
+from helpers import load_weights, run_cli
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from safetensors.torch import save_file
@@ -47,11 +47,16 @@ def recipe(target, finetuned, source_base, **extra) -> dict:
 
 def planned(stored: dict[str, list[str]], **settings):
     config = MergeConfiguration.model_validate(recipe("target", "ft", "sb", **settings))
-    return plan_precision(config, {ModelReference.parse(k): v for k, v in stored.items()})
+    dtypes = {name: getattr(torch, name) for name in ("bfloat16", "float16", "float32")}
+    return plan_precision(
+        config, {ModelReference.parse(k): [dtypes[d] for d in v] for k, v in stored.items()}
+    )
 
 
 def test_inputs_the_merge_dtype_holds_change_nothing():
-    plan = planned({"target": ["BF16"], "ft": ["BF16", "I64"], "sb": ["BF16"]}, dtype="bfloat16")
+    plan = planned(
+        {"target": ["bfloat16"], "ft": ["bfloat16"], "sb": ["bfloat16"]}, dtype="bfloat16"
+    )
     assert plan.message is None
     assert plan.config.dtype == "bfloat16"
     assert plan.config.out_dtype is None
@@ -59,7 +64,7 @@ def test_inputs_the_merge_dtype_holds_change_nothing():
 
 
 def test_float32_inputs_merge_at_float32_and_write_the_recipe_dtype():
-    plan = planned({"target": ["BF16"], "ft": ["F32"], "sb": ["F32"]}, dtype="bfloat16")
+    plan = planned({"target": ["bfloat16"], "ft": ["float32"], "sb": ["float32"]}, dtype="bfloat16")
     assert (plan.config.dtype, plan.config.out_dtype) == ("float32", "bfloat16")
     assert plan.config.parameters["output_dtype"] == "bfloat16"
     assert "ft (float32); sb (float32)" in plan.message
@@ -67,13 +72,15 @@ def test_float32_inputs_merge_at_float32_and_write_the_recipe_dtype():
 
 
 def test_bf16_and_fp16_inputs_need_float32():
-    plan = planned({"target": ["F16"], "ft": ["BF16"], "sb": ["BF16"]}, dtype="float16")
+    plan = planned({"target": ["float16"], "ft": ["bfloat16"], "sb": ["bfloat16"]}, dtype="float16")
     assert (plan.config.dtype, plan.config.out_dtype) == ("float32", "float16")
 
 
 def test_out_dtype_is_the_rounding_target_even_when_nothing_is_wider():
     plan = planned(
-        {"target": ["F32"], "ft": ["F32"], "sb": ["F32"]}, dtype="float32", out_dtype="bfloat16"
+        {"target": ["float32"], "ft": ["float32"], "sb": ["float32"]},
+        dtype="float32",
+        out_dtype="bfloat16",
     )
     assert plan.message is None
     assert (plan.config.dtype, plan.config.out_dtype) == ("float32", "bfloat16")
@@ -84,7 +91,7 @@ def test_other_methods_are_left_alone():
     config = MergeConfiguration.model_validate(
         {"merge_method": "linear", "dtype": "bfloat16", "models": [{"model": "a"}]}
     )
-    assert plan_precision(config, {ModelReference.parse("a"): ["F32"]}).config is config
+    assert plan_precision(config, {ModelReference.parse("a"): [torch.float32]}).config is config
 
 
 # --- through the real mergekit-yaml -------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load_weights, run_cli
+from helpers import load_weights, run_cli
 from transformers import AutoConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -15,25 +15,31 @@ ALL_RECIPES = sorted(RECIPES.rglob("*.yml"))
 MODEL_KEYS = {"model", "base_model", "source"}
 
 
-def model_ids(node) -> set[str]:
+def model_references(node) -> list[str]:
     """Every model reference in a recipe document (inputs, target, tokenizer source)."""
-    found = set()
     if isinstance(node, dict):
-        for key, value in node.items():
-            if key in MODEL_KEYS and isinstance(value, str):
-                found.add(value)
-            else:
-                found |= model_ids(value)
-    elif isinstance(node, list):
-        for item in node:
-            found |= model_ids(item)
-    return found
+        return [
+            ref
+            for key, value in node.items()
+            for ref in (
+                [value] if key in MODEL_KEYS and isinstance(value, str) else model_references(value)
+            )
+        ]
+    if isinstance(node, list):
+        return [ref for item in node for ref in model_references(item)]
+    return []
+
+
+def model_ids(document) -> set[str]:
+    """The models and adapters a document names; ``BASE+ADAPTER`` counts as both."""
+    return {part for ref in model_references(document) for part in ref.split("+")}
 
 
 def replaced(node, local: dict[str, str]):
     if isinstance(node, dict):
         return {
-            key: local.get(value, value) if key in MODEL_KEYS and isinstance(value, str)
+            key: "+".join(local.get(part, part) for part in value.split("+"))
+            if key in MODEL_KEYS and isinstance(value, str)
             else replaced(value, local)
             for key, value in node.items()
         }  # fmt: skip
@@ -45,8 +51,34 @@ def replaced(node, local: dict[str, str]):
 def tiny_stand_in(model_id: str, seed: int, llama, olmo2) -> Path:
     """A tiny model of the same family; Tülu models get 8 extra tokens, as the real ones."""
     family = olmo2 if "olmo" in model_id.lower() else llama
-    name = model_id.strip("./").replace("/", "--").replace("@", "--")
-    return family.model(name, seed, extra_vocab="tulu" in model_id.lower())
+    return family.model(stand_in_name(model_id), seed, extra_vocab="tulu" in model_id.lower())
+
+
+def stand_in_name(model_id: str) -> str:
+    return model_id.strip("./").replace("/", "--").replace("@", "--")
+
+
+def tiny_adapter(adapter_id: str, base: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter (random A and B) on the tiny stand-in of its base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = base.parent / stand_in_name(adapter_id)
+    if not (path / "adapter_config.json").exists():
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(path)
+    return path
+
+
+def lora_pairs(documents) -> set[tuple[str, str]]:
+    """(base, adapter) of every ``BASE+ADAPTER`` model in the recipe."""
+    return {
+        tuple(value.split("+"))
+        for doc in documents
+        for value in model_references(doc)
+        if "+" in value
+    }
 
 
 def test_recipes_are_found():
@@ -58,6 +90,7 @@ def test_recipes_are_found():
         "llama3_plus_delta_tulu31.yml",
         "olmo2_plus_delta_instruct.yml",
         "olmo2_m5_plus_delta_m4_math.yml",
+        "lora/llama3_plus_delta_lora.yml",
     } <= names
     assert any(name.startswith("combos/") for name in names)
 
@@ -67,11 +100,23 @@ def test_recipes_are_found():
 def test_recipe_runs_through_mergekit(recipe, llama, olmo2, tmp_path):
     documents = list(yaml.safe_load_all(recipe.read_text()))
     merge_names = {doc["name"] for doc in documents if "name" in doc}
-    ids = sorted(set().union(*(model_ids(doc) for doc in documents)) - merge_names)
+    adapters = {adapter: base for base, adapter in lora_pairs(documents)}
+    ids = sorted(set().union(*(model_ids(doc) for doc in documents)) - merge_names - set(adapters))
     local = {
         model_id: str(tiny_stand_in(model_id, seed, llama, olmo2))
         for seed, model_id in enumerate(ids, 1)
     }
+    local |= {
+        adapter: str(tiny_adapter(adapter, Path(local[base]), seed))
+        for seed, (adapter, base) in enumerate(sorted(adapters.items()), len(ids) + 1)
+    }
+    # The options the LoRA recipes' headers give.
+    lora_options = [
+        "--lora-merge-cache",
+        str(tmp_path / "lora-cache"),
+        "--lora-merge-dtype",
+        "float32",
+    ]
     config = tmp_path / recipe.name
     config.write_text(yaml.safe_dump_all([replaced(doc, local) for doc in documents]))
     out = tmp_path / "out"
@@ -83,15 +128,22 @@ def test_recipe_runs_through_mergekit(recipe, llama, olmo2, tmp_path):
             str(tmp_path / "steps"),
             "--out-path",
             str(out),
+            *(lora_options if adapters else []),
         )
     else:
-        result = run_cli("mergekit-yaml", str(config), str(out))
+        result = run_cli(
+            "mergekit-yaml", str(config), str(out), *(lora_options if adapters else [])
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     first = documents[0]
     assert AutoConfig.from_pretrained(out).model_type == (
         "olmo2" if "olmo" in recipe.name else "llama"
     )
-    if len(documents) == 1 and "sparsification_method" not in (first.get("parameters") or {}):
+    if (
+        len(documents) == 1
+        and "sparsification_method" not in (first.get("parameters") or {})
+        and not adapters  # LoRA numerics: tests/test_mergekit_yaml.py
+    ):
         check_transfer(first, local, load_weights(out))
 
 

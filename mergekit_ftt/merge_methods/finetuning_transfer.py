@@ -10,8 +10,11 @@ The dense transfer is computed in float64, chunk by chunk, and rounded once to t
 merge dtype: the output is bit-identical to a float64 reference rounded to the output
 dtype, and no float copy of a whole input is ever made. With ``sparsification_method``
 or ``consensus_method`` set, the deltas go through mergekit's own ``sparsify`` and TIES
-sign election (``get_mask``) in float32, as mergekit's ``ties``/``dare_ties``/``della``
-do for task vectors.
+sign election (``get_mask``), computed in float32 whatever the merge dtype and rounded
+to the output dtype only at the end. (mergekit's ``ties``/``dare_ties``/``della`` compute
+in the merge dtype, so in a bf16 merge every intermediate step is rounded to bf16.)
+``rescale`` follows mergekit's defaults: on for ``random`` (DARE) and ``della_magprune``,
+off for the magnitude methods.
 """
 
 from __future__ import annotations
@@ -252,6 +255,11 @@ def _thread_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def default_rescale(method: SparsificationMethod | None) -> bool:
+    """mergekit's default: ``dare_*`` (``random``) and ``della*`` rescale, the others not."""
+    return method in (SparsificationMethod.random, SparsificationMethod.della_magprune)
+
+
 def _sparse_transfer(
     target: torch.Tensor,
     source_base: torch.Tensor,
@@ -265,6 +273,12 @@ def _sparse_transfer(
     epsilon: list[float],
     gamma: list[float],
 ) -> torch.Tensor:
+    """The deltas, sparsified and sign-elected with mergekit's own functions, in float32.
+
+    float32 whatever the merge dtype; the caller rounds the result to the output dtype.
+    mergekit's TIES family computes the same steps in the merge dtype (bf16 in most
+    recipes).
+    """
     base32 = source_base.to(torch.float32)
     deltas = torch.empty((len(finetuned), *target.shape), dtype=torch.float32, device=target.device)
     for index, tensor in enumerate(finetuned):
@@ -310,7 +324,7 @@ def finetuning_transfer(
     gamma: PerNonBase[float] = 0.01,
     sparsification_method: SparsificationMethod | None = None,
     consensus_method: ConsensusMethod | None = None,
-    rescale: bool = False,
+    rescale: bool | None = None,
     normalize: bool = False,
     output_dtype: OutputDtype | None = None,
 ) -> torch.Tensor:
@@ -319,10 +333,11 @@ def finetuning_transfer(
     ``weight``, ``density``, ``epsilon`` and ``gamma`` are read for ``source_finetuned``
     inputs only; ``density``/``epsilon``/``gamma``/``rescale`` take effect with a
     ``sparsification_method``, ``normalize`` divides by the summed (sign-elected)
-    weights as in TIES. ``output_dtype`` is the dtype the result is rounded to, once
-    (default: the dtype the inputs arrive in). mergekit-ftt sets it from the recipe's
-    ``out_dtype`` (else ``dtype``) before a merge: mergekit would otherwise round the
-    kernel's result a second time when it writes ``out_dtype``.
+    weights as in TIES. ``rescale`` unset means mergekit's default for the
+    sparsification method (:func:`default_rescale`). ``output_dtype`` is the dtype the
+    result is rounded to, once (default: the dtype the inputs arrive in). mergekit-ftt
+    sets it from the recipe's ``out_dtype`` (else ``dtype``) before a merge: mergekit
+    would otherwise round the kernel's result a second time when it writes ``out_dtype``.
     """
     source_base_id, finetuned_ids = split_roles(role)
     readahead.reached(group.metadata.name)
@@ -341,7 +356,7 @@ def finetuning_transfer(
         densities=[density[model] for model in finetuned_ids],
         sparsification_method=sparsification_method,
         consensus_method=consensus_method,
-        rescale=rescale,
+        rescale=default_rescale(sparsification_method) if rescale is None else rescale,
         normalize=normalize,
         epsilon=[epsilon[model] for model in finetuned_ids],
         gamma=[gamma[model] for model in finetuned_ids],

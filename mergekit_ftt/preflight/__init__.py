@@ -1,37 +1,64 @@
 """Checks of a ``finetuning_transfer`` merge before anything is read in full or written.
 
 mergekit 0.1.5 resolves per-model parameters tensor by tensor and only compares shapes
-when a tensor is merged, so a wrong role or a mismatched checkpoint would surface late,
-after shards have been written. :func:`check_merge` reads only configs, tensor indexes
-and safetensors headers, and raises :class:`FinetuningTransferError` naming the models
-and the fix. The start-up hook runs it at the top of mergekit's ``run_merge``.
+when a tensor is merged, so a wrong role, a damaged file or a model it cannot download
+would surface late, after shards have been written, or as a long traceback.
+:func:`check_merge` reads only the recipe, configs, tensor indexes and weight-file headers
+(safetensors headers; pickled ``.bin`` files memory-mapped, not read), and raises
+:class:`FinetuningTransferError` naming the model or file and the fix. The start-up hook
+runs it at the top of mergekit's ``run_merge`` and merges the configuration it returns.
+
+- :mod:`.recipe`: roles, the keys the method reads, the models the recipe names;
+- :mod:`.models`: where each model is (local folder or reachable Hub repository);
+- :mod:`.checkpoints`: what the weight files hold (:class:`StoredCheckpoint`, with each
+  tensor's shape and stored dtype, which :mod:`mergekit_ftt.precision` plans with);
+- here: the order of the checks, and those that compare the models with each other.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
-from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from mergekit_ftt import METHOD_NAME
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError, split_roles
 from mergekit_ftt.precision import plan_precision
+from mergekit_ftt.preflight.checkpoints import (
+    MAX_LISTED,
+    StoredCheckpoint,
+    StoredTensor,
+    check_floating_point,
+    note,
+    read_checkpoint,
+)
+from mergekit_ftt.preflight.models import card_safe_paths, locate
+from mergekit_ftt.preflight.recipe import (
+    check_lora_cache,
+    check_parameter_keys,
+    configured_roles,
+    referenced_models,
+)
 
-_MAX_LISTED = 5
+__all__ = [
+    "StoredCheckpoint",
+    "StoredTensor",
+    "check_merge",
+    "check_output_path",
+    "read_checkpoint",
+]
 
 
 def check_merge(
     config: MergeConfiguration, out_path: str, options: MergeOptions
 ) -> MergeConfiguration:
-    """Raise :class:`FinetuningTransferError` if this merge cannot succeed as configured;
-    return the configuration to run (its precision chosen by :mod:`mergekit_ftt.precision`)."""
+    """Return the configuration to merge, or raise :class:`FinetuningTransferError`.
+
+    Other merge methods pass through unchanged.
+    """
     if config.merge_method != METHOD_NAME:
         return config
     check_output_path(out_path)
@@ -41,21 +68,23 @@ def check_merge(
             f"{METHOD_NAME} needs `base_model:` set to the target model, the model that "
             "receives the transferred delta."
         )
-    roles = _configured_roles(config, target)
+    roles = configured_roles(config, target)
     source_base, finetuned = split_roles(roles)
+    check_parameter_keys(config)
+    check_lora_cache(config, options)
+    for reference in referenced_models(config):
+        locate(reference)
     models = [target, source_base, *finetuned]
     configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
     _check_architectures(configs)
+    checkpoints = {m: read_checkpoint(m, options) for m in models}
+    check_floating_point(checkpoints)
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
-    headers = {model: _tensor_headers(model, options) for model in models}
-    _check_tensors(configs, finetuned, headers, allow_vocabulary)
-    plan = plan_precision(
-        config,
-        {model: {dtype for _, dtype in header.values()} for model, header in headers.items()},
-    )
+    _check_tensors(checkpoints, configs, finetuned, allow_vocabulary)
+    plan = plan_precision(config, {model: c.dtypes for model, c in checkpoints.items()})
     if plan.message:
-        print(plan.message, file=sys.stderr)
-    return plan.config
+        note(plan.message, options)
+    return card_safe_paths(plan.config)
 
 
 def check_output_path(out_path: str) -> None:
@@ -65,44 +94,6 @@ def check_output_path(out_path: str) -> None:
             f"{out_path} already holds a model (config.json). mergekit would overwrite it "
             "in place; choose a new output folder or delete this one first."
         )
-
-
-def _configured_roles(config: MergeConfiguration, target: ModelReference) -> dict:
-    roles: dict[ModelReference, object] = {}
-    for model, parameters in _inputs(config):
-        role = (parameters or {}).get("role")
-        if model == target:
-            if role is not None:
-                raise FinetuningTransferError(
-                    f"{model} is base_model, the target, and takes no role; the source "
-                    "base model it was trained from is a separate entry with "
-                    "`role: source_base`."
-                )
-            continue
-        if role is None:
-            raise FinetuningTransferError(
-                f"model {model} has no role: give it `parameters: {{role: source_finetuned}}` "
-                f"(a fine-tuned model whose delta is transferred) or "
-                f"`parameters: {{role: source_base}}` (the model it was fine-tuned from)."
-            )
-        if roles.get(model, role) != role:
-            raise FinetuningTransferError(f"model {model} is listed with two roles.")
-        roles[model] = role
-    return roles
-
-
-def _inputs(config: MergeConfiguration) -> Iterator[tuple[ModelReference, dict | None]]:
-    for model_in in config.models or []:
-        yield model_in.model, model_in.parameters
-    for output_slice in config.slices or []:
-        for source in output_slice.sources:
-            yield source.model, source.parameters
-    for module in (config.modules or {}).values():
-        for model_in in module.models or []:
-            yield model_in.model, model_in.parameters
-        for output_slice in module.slices or []:
-            for source in output_slice.sources:
-                yield source.model, source.parameters
 
 
 def _check_architectures(configs: dict[ModelReference, PretrainedConfig]) -> None:
@@ -123,17 +114,15 @@ def _architecture(config: PretrainedConfig) -> tuple[str, str]:
 
 
 def _check_tensors(
+    checkpoints: dict[ModelReference, StoredCheckpoint],
     configs: dict[ModelReference, PretrainedConfig],
     finetuned: list[ModelReference],
-    headers: dict[ModelReference, dict[str, tuple[tuple[int, ...], str]]],
     allow_vocabulary: bool,
 ) -> None:
-    if any(model.lora for model in configs):
-        return  # LoRA inputs are merged by mergekit first; their shapes are known only then
-    target, *others = configs
+    target, *others = checkpoints
     shapes = {
-        model: {name: shape for name, (shape, _) in header.items()}
-        for model, header in headers.items()
+        model: {name: tensor.shape for name, tensor in checkpoint.tensors.items()}
+        for model, checkpoint in checkpoints.items()
     }
     vocab = {model: config.get_text_config().vocab_size for model, config in configs.items()}
     tied = {
@@ -148,13 +137,13 @@ def _check_tensors(
         if missing:
             raise FinetuningTransferError(
                 f"{model} lacks {len(missing)} tensor(s) that target {target} has, e.g. "
-                f"{', '.join(missing[:_MAX_LISTED])}. All models must be complete "
+                f"{', '.join(missing[:MAX_LISTED])}. All models must be complete "
                 "checkpoints of the same architecture."
             )
         for name, target_shape in shapes[target].items():
             shape = shapes[model].get(name)
-            if shape is None or shape == target_shape or not shape or not target_shape:
-                continue  # absent, equal, or unknown (.bin shards are not read)
+            if shape is None or target_shape is None or shape == target_shape:
+                continue  # absent, unknown (legacy .bin) or equal
             if _is_vocabulary_mismatch(target_shape, shape, vocab[target], vocab[model]):
                 if allow_vocabulary:
                     continue
@@ -179,22 +168,3 @@ def _is_vocabulary_mismatch(
         return False
     differing = [axis for axis in range(len(a)) if a[axis] != b[axis]]
     return len(differing) == 1 and {a[differing[0]], b[differing[0]]} == {vocab_a, vocab_b}
-
-
-def _tensor_headers(
-    model: ModelReference, options: MergeOptions
-) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Each tensor's shape and stored dtype (safetensors' name, e.g. ``"BF16"``) from the
-    safetensors headers; ``((), "")`` for tensors in .bin files, which are not read."""
-    if model.lora:
-        return {}
-    index = model.tensor_index(options.transformers_cache)
-    headers = dict.fromkeys(index.tensor_paths, ((), ""))
-    for shard in set(index.tensor_paths.values()):
-        if not shard.endswith(".safetensors"):
-            continue
-        with safe_open(os.path.join(index.base_path, shard), framework="pt") as file:
-            for name in file.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensor = file.get_slice(name)
-                headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
-    return headers
