@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,6 @@ from mergekit_ftt.merge_methods.finetuning_transfer import (
 )
 
 IDS = ["target", "ft_a", "ft_b", "source_base"]
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 ROLES = {"ft_a": "source_finetuned", "ft_b": "source_finetuned", "source_base": "source_base"}
 
 
@@ -245,29 +242,3 @@ def test_no_finetuned_model_is_an_error():
             base_index=0,
             parameters={"role": {"source_base": "source_base"}},
         )
-
-
-def anonymous_huge_page_bytes(address: int) -> int:
-    """AnonHugePages of the mapping that holds ``address`` (/proc/self/smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            low, high = (int(bound, 16) for bound in head.split("-"))
-            inside = low <= address < high
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-@pytest.mark.skipif(
-    not THP.exists() or "[never]" in THP.read_text(),
-    reason="no transparent huge pages here",
-)
-def test_outputs_are_written_into_huge_pages():
-    """A large output is asked for 2 MiB pages before the kernel first writes it."""
-    shape = (64 << 20) // 2 // 4096, 4096  # 64 MiB of bfloat16
-    tensors = [torch.zeros(shape, dtype=torch.bfloat16) for _ in IDS]
-    merged = transfer(tensors)
-    middle = merged.data_ptr() + merged.nbytes // 2  # madvise splits off the unaligned ends
-    assert anonymous_huge_page_bytes(middle) >= 32 << 20

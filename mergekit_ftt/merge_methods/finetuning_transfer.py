@@ -19,12 +19,9 @@ off for the magnitude methods.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
-import mmap
 import os
-import sys
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
@@ -145,7 +142,7 @@ def _dense_transfer(
     weights: list[float],
     output_dtype: torch.dtype,
 ) -> torch.Tensor:
-    out = _empty_in_huge_pages(target.shape, output_dtype, target.device)
+    out = torch.empty(target.shape, dtype=output_dtype, device=target.device)
     threads, chunk = _threads_and_chunk(target.device)
     chunks = -(-out.numel() // chunk)
     work = functools.partial(
@@ -161,41 +158,6 @@ def _dense_transfer(
     work()
     for helper in helpers:
         helper.result()
-    return out
-
-
-HUGE_PAGE_BYTES = 2 << 20
-
-
-@functools.cache
-def _madvise() -> Callable[[int, int, int], int] | None:
-    """libc's ``madvise`` where Linux offers transparent huge pages, else None."""
-    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return function
-
-
-def _empty_in_huge_pages(
-    shape: torch.Size, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """``torch.empty``, with Linux asked for 2 MiB pages for it before it is first written.
-
-    Writing a fresh output tensor faults in and zeroes its memory page by page: 0.44 s per
-    GB in 4 KiB pages on the project machine, 0.15 s in huge pages. Where transparent
-    huge pages are on "madvise" (a common default), only ``MADV_HUGEPAGE`` areas get them.
-    """
-    out = torch.empty(shape, dtype=dtype, device=device)
-    madvise = _madvise() if device.type == "cpu" else None
-    if madvise is not None:
-        start = -(-out.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-        end = (out.data_ptr() + out.nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-        if end > start:
-            madvise(start, end - start, mmap.MADV_HUGEPAGE)  # a hint: failure changes nothing
     return out
 
 
