@@ -99,6 +99,7 @@ def summarize(values: list[tuple[float, float]], elements: int) -> dict:
     return {
         "wall_melem_s": rates([w for w, _ in values]),
         "cpu_melem_s": rates([c for _, c in values]),
+        "cores_used": statistics.median(c / w for w, c in values),
     }
 
 
@@ -112,8 +113,8 @@ def render(result: dict) -> str:
         f"{result['machine']['torch']}; load average (1 min) "
         f"{result['load_average_start'][0]:.1f} → {result['load_average_end'][0]:.1f}.",
         "",
-        "| setting | wall Melem/s | CPU Melem/s | CPU ÷ memcpy CPU |",
-        "|---|---|---|---|",
+        "| setting | wall Melem/s | CPU Melem/s | cores used (CPU ÷ wall) | CPU ÷ memcpy CPU |",
+        "|---|---|---|---|---|",
     ]
     copies = {
         key.split(", ")[1]: row["cpu_melem_s"]["median"]
@@ -126,6 +127,7 @@ def render(result: dict) -> str:
         lines.append(
             f"| {key} | {wall['median']:.0f} ({wall['min']:.0f}–{wall['max']:.0f}) | "
             f"{cpu['median']:.0f} ({cpu['min']:.0f}–{cpu['max']:.0f}) | "
+            f"{row['cores_used']:.2f} | "
             + ("– |" if key.startswith("memcpy") else f"{ratio:.3f} |")
         )
     lines += ["", f"Command: `{result['command']}`"]
