@@ -3,15 +3,15 @@
 Times ``_dense_transfer`` (one fine-tuned model, weight 1, bf16 in and out, the
 benchmark checkpoints' statistics) on tensors already in memory, so nothing but the
 arithmetic and its memory traffic is measured, next to ``out.copy_(target)`` of the
-same bf16 tensor. Settings (torch threads × chunk elements) run in turn, round after
-round; the table gives the median and the range over rounds of wall-clock and CPU
-(user + sys of the process) throughput. CPU throughput is what the kernel costs; on a
-machine shared with other jobs, wall-clock throughput also counts the time the kernel
-waited for a core.
+same bf16 tensor on one thread (the kernel runs on one thread). The kernel's default
+chunk size and any others given run in turn, round after round; the table gives the
+median and range over rounds of wall-clock and CPU (user + sys of the process)
+throughput. CPU throughput is what the kernel costs; on a machine shared with other
+jobs, wall-clock throughput also counts the time the kernel waited for a core.
 
-    python benchmarks/kernel_speed.py --threads 1,2 --chunks 15,17,20
+    python benchmarks/kernel_speed.py --chunks 15,17,20
 
-Writes ``benchmarks/results/kernel-<date>.{md,json}``.
+Writes ``benchmarks/results/kernel-<date>-<HHMM>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def timed(work) -> tuple[tuple[float, float], object]:
     return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
-def measure(elements: int, threads: list[int], chunks: list[int | None], rounds: int) -> dict:
-    """Throughput of each (threads, chunk) setting; chunk None: the kernel's defaults."""
+def measure(elements: int, chunks: list[int | None], rounds: int) -> dict:
+    """Throughput of the memory copy and of the kernel at each chunk size (None: default)."""
     target, source_base, finetuned = inputs(elements)
     copy_out = torch.empty_like(target)
 
@@ -60,30 +60,24 @@ def measure(elements: int, threads: list[int], chunks: list[int | None], rounds:
         return kernel._dense_transfer(target, source_base, [finetuned], [1.0], torch.bfloat16)
 
     reference = transfer()
-    settings = [("memcpy", n, None) for n in threads] + [
-        ("kernel", n, chunk) for n in threads for chunk in chunks
-    ]
+    default = kernel.CHUNK_ELEMENTS
     samples: dict[str, list[tuple[float, float]]] = {}
-    defaults = kernel.CHUNK_ELEMENTS, kernel.SINGLE_THREAD_CHUNK_ELEMENTS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for _ in range(rounds):
-            for name, thread_count, chunk in settings:
-                torch.set_num_threads(thread_count)
-                if name == "memcpy":
-                    sample, _ = timed(lambda: copy_out.copy_(target))
-                    key = f"memcpy, {thread_count} thread(s)"
-                else:
-                    sizes = (chunk, chunk) if chunk else defaults
-                    kernel.CHUNK_ELEMENTS, kernel.SINGLE_THREAD_CHUNK_ELEMENTS = sizes
-                    sample, merged = timed(transfer)
-                    if not torch.equal(merged, reference):
-                        raise RuntimeError(f"chunk {chunk}: output differs")
-                    size = kernel._threads_and_chunk(target.device)[1]
-                    key = f"kernel, {thread_count} thread(s), chunk 2^{size.bit_length() - 1}"
-                    key += "" if chunk else " (default)"
-                samples.setdefault(key, []).append(sample)
+            sample, _ = timed(lambda: copy_out.copy_(target))
+            samples.setdefault("memory copy (bf16 → bf16)", []).append(sample)
+            for chunk in chunks:
+                kernel.CHUNK_ELEMENTS = chunk or default
+                sample, merged = timed(transfer)
+                if not torch.equal(merged, reference):
+                    raise RuntimeError(f"chunk {chunk}: output differs")
+                key = f"kernel, chunk 2^{kernel.CHUNK_ELEMENTS.bit_length() - 1}"
+                samples.setdefault(key + ("" if chunk else " (default)"), []).append(sample)
     finally:
-        kernel.CHUNK_ELEMENTS, kernel.SINGLE_THREAD_CHUNK_ELEMENTS = defaults
+        kernel.CHUNK_ELEMENTS = default
+        torch.set_num_threads(threads)
     return {key: summarize(values, elements) for key, values in samples.items()}
 
 
@@ -107,28 +101,25 @@ def render(result: dict) -> str:
     lines = [
         f"# Kernel speed, {result['started_utc']}",
         "",
-        f"{result['elements'] / 1e6:.0f}M bf16 elements, one fine-tuned model, weight 1, "
-        f"median (min–max) of {result['rounds']} rounds, Melem/s. Machine: "
+        f"{result['elements'] / 1e6:.0f}M bf16 elements, one fine-tuned model, weight 1, one "
+        f"thread; median (min–max) of {result['rounds']} rounds, Melem/s. Machine: "
         f"{result['machine']['cpu_model']}, {result['machine']['cores']} cores, torch "
         f"{result['machine']['torch']}; load average (1 min) "
         f"{result['load_average_start'][0]:.1f} → {result['load_average_end'][0]:.1f}.",
         "",
-        "| setting | wall Melem/s | CPU Melem/s | cores used (CPU ÷ wall) | CPU ÷ memcpy CPU |",
+        "| | wall Melem/s | CPU Melem/s | cores used (CPU ÷ wall) | CPU ÷ memory copy |",
         "|---|---|---|---|---|",
     ]
-    copies = {
-        key.split(", ")[1]: row["cpu_melem_s"]["median"]
-        for key, row in result["settings"].items()
-        if key.startswith("memcpy")
-    }
-    for key, row in result["settings"].items():
+    settings = result["settings"]
+    copy = next(row for key, row in settings.items() if key.startswith("memory copy"))
+    for key, row in settings.items():
         wall, cpu = row["wall_melem_s"], row["cpu_melem_s"]
-        ratio = cpu["median"] / copies[key.split(", ")[1]]
+        ratio = cpu["median"] / copy["cpu_melem_s"]["median"]
         lines.append(
             f"| {key} | {wall['median']:.0f} ({wall['min']:.0f}–{wall['max']:.0f}) | "
             f"{cpu['median']:.0f} ({cpu['min']:.0f}–{cpu['max']:.0f}) | "
             f"{row['cores_used']:.2f} | "
-            + ("– |" if key.startswith("memcpy") else f"{ratio:.3f} |")
+            + ("– |" if key.startswith("memory copy") else f"{ratio:.3f} |")
         )
     lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
@@ -137,11 +128,10 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--elements", type=int, default=1 << 25)
-    parser.add_argument("--threads", default="1", help="comma-separated torch thread counts")
     parser.add_argument(
         "--chunks",
         default="",
-        help="comma-separated log2 of the chunk sizes to try besides the kernel's defaults",
+        help="comma-separated log2 of chunk sizes to try besides the kernel's default",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results")
@@ -155,12 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         "elements": args.elements,
         "rounds": args.rounds,
     }
-    result["settings"] = measure(
-        args.elements,
-        [int(n) for n in args.threads.split(",")],
-        [None, *(1 << int(n) for n in args.chunks.split(",") if n)],
-        args.rounds,
-    )
+    chunks = [None, *(1 << int(n) for n in args.chunks.split(",") if n)]
+    result["settings"] = measure(args.elements, chunks, args.rounds)
     result["load_average_end"] = os.getloadavg()
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"kernel-{started:%Y-%m-%d-%H%M}"

@@ -19,11 +19,8 @@ off for the magnitude methods.
 
 from __future__ import annotations
 
-import functools
-import itertools
-import os
-from collections.abc import Callable, Hashable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from enum import Enum
 from typing import Literal
 
@@ -42,18 +39,14 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
 from mergekit_ftt import METHOD_NAME, PAPER_URL, readahead
 
-# Elements per float64 work chunk on the CPU. torch runs an elementwise op on at most
-# 32768 elements (its GRAIN_SIZE) on the calling thread, without an OpenMP parallel
-# region, so the kernel's ops never wait at an OpenMP barrier: with two threads on a busy
-# machine those barriers made 2^17- to 2^20-element chunks 10× slower. The kernel runs
-# chunks on torch.get_num_threads() threads of its own instead; each thread's three
-# 256 KiB float64 scratch buffers stay in its core's L2 cache.
-CHUNK_ELEMENTS = 1 << 15
-# With one thread no op enters OpenMP, and larger chunks spend less time per element in
-# Python and torch's per-op overhead (benchmarks/kernel_speed.py).
-SINGLE_THREAD_CHUNK_ELEMENTS = 1 << 17
+# Elements per float64 work chunk on the CPU: the three scratch buffers (1 MiB each) stay
+# in the cache through the ~10 passes over a chunk, and each pass is long enough that
+# Python's and torch's fixed cost per op stays small. Measured on one thread
+# (benchmarks/kernel_speed.py): 2^15 elements cost 17% more CPU per element, 2^20 more
+# than that once the buffers no longer fit the cache.
+CHUNK_ELEMENTS = 1 << 17
 # On an accelerator the kernel's cost is launches, not cache misses: few, large chunks.
-DEVICE_CHUNK_ELEMENTS = 1 << 24
+DEVICE_CHUNK_ELEMENTS = 1 << 20
 
 
 # The floating-point dtypes mergekit reads by name (mergekit.common.dtype_from_name).
@@ -135,6 +128,26 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
     out.copy_(value)
 
 
+@contextmanager
+def _on_one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on the calling thread alone while the block runs.
+
+    The kernel is a chain of short elementwise ops. With more threads torch runs each one
+    as an OpenMP parallel region that ends in a barrier, and on a machine whose cores are
+    busy with other work every barrier waits for a descheduled thread: with two threads
+    the kernel ran 10× slower there (benchmarks/kernel_speed.py). On one thread it never
+    waits, and the other cores stay free for mergekit's reading and writing. (Threads of
+    the kernel's own gained nothing: its ops are too short to run outside the GIL.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_on_one_thread()
 def _dense_transfer(
     target: torch.Tensor,
     source_base: torch.Tensor,
@@ -143,78 +156,35 @@ def _dense_transfer(
     output_dtype: torch.dtype,
 ) -> torch.Tensor:
     out = torch.empty(target.shape, dtype=output_dtype, device=target.device)
-    threads, chunk = _threads_and_chunk(target.device)
-    chunks = -(-out.numel() // chunk)
-    work = functools.partial(
-        _transfer_chunks,
-        out.view(-1).split(chunk),
-        target.reshape(-1).split(chunk),
-        source_base.reshape(-1).split(chunk),
-        [tensor.reshape(-1).split(chunk) for tensor in finetuned],
-        weights,
-        itertools.count().__next__,  # the next chunk to take; atomic under the GIL
-    )
-    helpers = [_thread_pool().submit(work) for _ in range(min(threads, chunks) - 1)]
-    work()
-    for helper in helpers:
-        helper.result()
-    return out
-
-
-def _threads_and_chunk(device: torch.device) -> tuple[int, int]:
-    """How many threads merge a tensor on ``device``, and how many elements per chunk."""
-    if device.type != "cpu":
-        return 1, DEVICE_CHUNK_ELEMENTS
-    threads = torch.get_num_threads()
-    return threads, CHUNK_ELEMENTS if threads > 1 else SINGLE_THREAD_CHUNK_ELEMENTS
-
-
-def _transfer_chunks(
-    out: tuple[torch.Tensor, ...],
-    target: tuple[torch.Tensor, ...],
-    source_base: tuple[torch.Tensor, ...],
-    finetuned: list[tuple[torch.Tensor, ...]],
-    weights: list[float],
-    next_chunk: Callable[[], int],
-) -> None:
-    """Merge chunks ``out[next_chunk()]`` until none is left; one thread runs this."""
-    # float64 scratch allocated once per thread and reused for each chunk. Every input
+    flat_out = out.view(-1)
+    flat_base = source_base.reshape(-1)
+    flat_target = target.reshape(-1)
+    flat_finetuned = [tensor.reshape(-1) for tensor in finetuned]
+    chunk = CHUNK_ELEMENTS if target.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    # float64 scratch allocated once per tensor and reused for each chunk. Every input
     # chunk is first copied into it (a widening copy is exact and fast; arithmetic with a
     # bf16 operand is several times slower in torch), so all arithmetic is float64 on
     # float64, in the order of w₁·(ft₁ − sb) + w₂·(ft₂ − sb) + … + target, and
     # round_once rounds the sum to the output dtype once.
-    size = out[0].numel()
+    size = min(chunk, flat_out.numel())
     delta_sum, base, scratch = (
-        torch.empty(size, dtype=torch.float64, device=out[0].device) for _ in range(3)
+        torch.empty(size, dtype=torch.float64, device=target.device) for _ in range(3)
     )
-    while (index := next_chunk()) < len(out):
-        count = out[index].numel()
-        chunk_sum, chunk_base, chunk_scratch = (
-            (delta_sum, base, scratch)
-            if count == size  # all chunks but the last: no views to make
-            else (delta_sum[:count], base[:count], scratch[:count])
-        )
-        chunk_base.copy_(source_base[index])
-        for position, (tensor, weight) in enumerate(zip(finetuned, weights, strict=True)):
-            chunk_delta = chunk_scratch if position else chunk_sum
-            chunk_delta.copy_(tensor[index]).sub_(chunk_base)
+    for start in range(0, flat_out.numel(), chunk):
+        window = slice(start, start + chunk)
+        count = min(chunk, flat_out.numel() - start)
+        chunk_sum, chunk_base, chunk_scratch = delta_sum[:count], base[:count], scratch[:count]
+        chunk_base.copy_(flat_base[window])
+        for index, (tensor, weight) in enumerate(zip(flat_finetuned, weights, strict=True)):
+            chunk_delta = chunk_scratch if index else chunk_sum
+            chunk_delta.copy_(tensor[window]).sub_(chunk_base)
             if weight != 1.0:
                 chunk_delta.mul_(weight)
-            if position:
+            if index:
                 chunk_sum.add_(chunk_delta)
-        chunk_sum.add_(chunk_scratch.copy_(target[index]))
-        round_once(chunk_sum, out[index], chunk_scratch)
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _thread_pool() -> ThreadPoolExecutor:
-    """Threads for the kernel's chunks beyond the calling thread's, made once."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="ftt-kernel")
-    return _POOL
+        chunk_sum.add_(chunk_scratch.copy_(flat_target[window]))
+        round_once(chunk_sum, flat_out[window], chunk_scratch)
+    return out
 
 
 def default_rescale(method: SparsificationMethod | None) -> bool:
