@@ -82,7 +82,8 @@ def test_dense_transfer_is_float64_rounded_once(dtype, shape):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_dense_transfer_runs_on_one_thread_and_restores_torchs_threads(threads):
+def test_dense_transfer_is_the_same_on_any_number_of_threads(threads):
+    """Every chunk is rounded on its own, however torch splits its ops between threads."""
     tensors = random_inputs((10 * CHUNK_ELEMENTS + 77,), torch.bfloat16, seed=4)
     weights = {"ft_a": 0.3, "ft_b": 1.0}
     expected = rounded(numpy_reference(*tensors, 0.3, 1.0), torch.bfloat16)
@@ -90,7 +91,6 @@ def test_dense_transfer_runs_on_one_thread_and_restores_torchs_threads(threads):
     torch.set_num_threads(threads)
     try:
         merged = transfer(tensors, weight=weights)
-        assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
     assert torch.equal(merged, expected)

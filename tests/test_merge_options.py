@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 from mergekit.common import parse_kmb
 from mergekit.config import MergeConfiguration
@@ -34,24 +35,31 @@ def options_from_command_line(method: str, *args: str) -> MergeOptions:
     return seen[0]
 
 
-def test_transfer_writes_in_the_background_in_1_gb_shards_by_default():
-    options = options_from_command_line("finetuning_transfer")
+def test_transfer_writes_in_the_background_in_1_gb_shards_on_one_thread_by_default():
+    before = torch.get_num_threads()
+    try:
+        options = options_from_command_line("finetuning_transfer")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     assert options.async_write is True
     assert options.out_shard_size == parse_kmb("1B")
+    assert options.num_threads == 1
 
 
 @pytest.mark.parametrize(
-    ("args", "async_write", "shard_size"),
+    ("args", "async_write", "shard_size", "threads"),
     [
-        (["--out-shard-size", "5B"], True, "5B"),
-        (["--no-async-write"], False, "1B"),
-        (["--async-write", "--out-shard-size", "500M"], True, "500M"),
+        (["--out-shard-size", "5B", "-j", "2"], True, "5B", 2),
+        (["--no-async-write", "-j", "1"], False, "1B", 1),
+        (["--async-write", "--out-shard-size", "500M", "-j", "2"], True, "500M", 2),
     ],
 )
-def test_options_given_on_the_command_line_are_kept(args, async_write, shard_size):
+def test_options_given_on_the_command_line_are_kept(args, async_write, shard_size, threads):
     options = options_from_command_line("finetuning_transfer", *args)
     assert options.async_write is async_write
     assert options.out_shard_size == parse_kmb(shard_size)
+    assert options.num_threads == threads
 
 
 def test_other_methods_and_python_callers_keep_mergekits_defaults():

@@ -19,8 +19,7 @@ off for the magnitude methods.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Hashable, Mapping
 from enum import Enum
 from typing import Literal
 
@@ -41,9 +40,10 @@ from mergekit_ftt import METHOD_NAME, PAPER_URL, readahead
 
 # Elements per float64 work chunk on the CPU: the three scratch buffers (1 MiB each) stay
 # in the cache through the ~10 passes over a chunk, and each pass is long enough that
-# Python's and torch's fixed cost per op stays small. Measured on one thread
-# (benchmarks/kernel_speed.py): 2^15 elements cost 17% more CPU per element, 2^20 more
-# than that once the buffers no longer fit the cache.
+# Python's and torch's fixed cost per op stays small. On one thread (the default of a
+# transfer from the command line, mergekit_ftt.merge_options) 2^15 elements cost 24% more
+# CPU per element and 2^20 45% more; with two OpenMP threads on a quiet machine 2^17 was
+# also faster than 2^20 (benchmarks/kernel_speed.py, docs/performance.md).
 CHUNK_ELEMENTS = 1 << 17
 # On an accelerator the kernel's cost is launches, not cache misses: few, large chunks.
 DEVICE_CHUNK_ELEMENTS = 1 << 20
@@ -128,26 +128,6 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
     out.copy_(value)
 
 
-@contextmanager
-def _on_one_thread() -> Iterator[None]:
-    """Run torch's CPU ops on the calling thread alone while the block runs.
-
-    The kernel is a chain of short elementwise ops. With more threads torch runs each one
-    as an OpenMP parallel region that ends in a barrier, and on a machine whose cores are
-    busy with other work every barrier waits for a descheduled thread: with two threads
-    the kernel ran 10× slower there (benchmarks/kernel_speed.py). On one thread it never
-    waits, and the other cores stay free for mergekit's reading and writing. (Threads of
-    the kernel's own gained nothing: its ops are too short to run outside the GIL.)
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@_on_one_thread()
 def _dense_transfer(
     target: torch.Tensor,
     source_base: torch.Tensor,
