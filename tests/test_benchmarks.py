@@ -188,3 +188,22 @@ def test_cache_states_of_the_inputs(tiny_checkpoints):
     assert bench_merge.resident_fraction(shards) == 1.0
     bench_merge.set_cache(shards, "cold")  # dropped where the file system allows it
     assert 0.0 <= bench_merge.resident_fraction(shards) <= 1.0
+
+
+def test_fewer_layers_keep_every_tensor_shape(tiny_checkpoints, tmp_path):
+    from safetensors import safe_open
+
+    make_checkpoints.main(["tiny", "--layers", "1", "--no-extra-vocab", "--out", str(tmp_path)])
+    cut, full = tmp_path / "tiny-1layers" / "target", tiny_checkpoints / "tiny" / "target"
+
+    def shapes(path: Path) -> dict:
+        found = {}
+        for shard in path.glob("*.safetensors"):
+            with safe_open(shard, framework="pt") as handle:
+                found.update({n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()})  # noqa: SIM118
+        return found
+
+    cut_shapes, full_shapes = shapes(cut), shapes(full)
+    assert json.loads((cut / "config.json").read_text())["num_hidden_layers"] == 1
+    assert not any(".layers.1." in name for name in cut_shapes)
+    assert all(full_shapes[name] == shape for name, shape in cut_shapes.items())
