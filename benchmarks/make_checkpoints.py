@@ -266,15 +266,20 @@ def build_checkpoints(
     dtype: torch.dtype = torch.bfloat16,
     shard_bytes: int | None = None,
     extra_vocab: bool | None = None,
+    layers: int | None = None,
 ) -> dict[str, Path]:
-    """Write all checkpoints of ``size`` under ``out/size``; return role -> folder."""
+    """Write all checkpoints of ``size`` under ``out/<folder_name>``; return role -> folder.
+
+    ``layers`` keeps every tensor shape of ``size`` but only that many decoder layers.
+    """
     spec = SIZES[size]
     shard_bytes = shard_bytes or spec.shard_bytes
     extra_vocab = spec.extra_vocab if extra_vocab is None else extra_vocab
-    root = out / size
+    root = out / folder_name(size, layers)
     corpus = [f"the sum of {a} and {b} is {a + b}." for a in range(40) for b in range(40)]
     tokenizer = build_tokenizer(corpus, vocab_size=300)
-    config = tiny_config(spec.architecture, **spec.config)
+    shapes = {**spec.config, **({"num_layers": layers} if layers else {})}
+    config = tiny_config(spec.architecture, **shapes)
     config.dtype = dtype
     checkpoints = {
         role: Checkpoint(root / role, config, tokenizer)
@@ -283,7 +288,7 @@ def build_checkpoints(
     if extra_vocab:
         wide_config = tiny_config(
             spec.architecture,
-            **{**spec.config, "vocab_size": spec.config["vocab_size"] + EXTRA_VOCAB_ROWS},
+            **{**shapes, "vocab_size": spec.config["vocab_size"] + EXTRA_VOCAB_ROWS},
         )
         wide_config.dtype = dtype
         wide_tokenizer = build_tokenizer(
@@ -325,6 +330,11 @@ def build_checkpoints(
     return {role: checkpoint.path for role, checkpoint in checkpoints.items()}
 
 
+def folder_name(size: str, layers: int | None = None) -> str:
+    """``350m``, or ``llama3-8b-4layers`` for a size cut to fewer decoder layers."""
+    return f"{size}-{layers}layers" if layers else size
+
+
 def _check_disk(root: Path, checkpoints, dtype: torch.dtype) -> None:
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = sum(itemsize * _numel(s) for c in checkpoints for _, s in c.tensors)
@@ -347,12 +357,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-extra-vocab", action="store_true", help="skip the 8-extra-rows variant"
     )
+    parser.add_argument(
+        "--layers", type=int,
+        help="keep every tensor shape but only this many decoder layers (folder <size>-<N>layers)",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
     parser.add_argument(
         "--clean", action="store_true", help="delete <out>/<size> and write nothing"
     )
     args = parser.parse_args(argv)
-    root = args.out / args.size
+    root = args.out / folder_name(args.size, args.layers)
     if args.clean or args.overwrite:
         shutil.rmtree(root, ignore_errors=True)
         if args.clean:
@@ -367,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=getattr(torch, args.dtype),
         shard_bytes=args.shard_bytes,
         extra_vocab=False if args.no_extra_vocab else None,
+        layers=args.layers,
     )
     for role, path in paths.items():
         print(f"{role}: {path}")

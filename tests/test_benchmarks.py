@@ -157,3 +157,53 @@ def test_bad_arguments_are_refused(tiny_checkpoints, argv, message, capsys):
 def test_missing_checkpoints_name_the_command_that_makes_them(tmp_path):
     with pytest.raises(SystemExit, match=r"make_checkpoints\.py 350m"):
         bench_merge.parse_args(["350m", "--checkpoints", str(tmp_path)])
+
+
+def test_transfer_settings_add_variants_with_their_options_and_environment(
+    tiny_checkpoints, tmp_path
+):
+    settings = bench_merge.parse_args(
+        [
+            "tiny",
+            "--checkpoints", str(tiny_checkpoints),
+            "--workdir", str(tmp_path),
+            "--variants", "transfer,io_floor",
+            "--mergekit-args", "--out-shard-size 1B",
+            "--transfer-setting", "j1=-j 1",
+            "--transfer-setting", "no-readahead=MERGEKIT_FTT_READAHEAD_BYTES=0 --async-write",
+        ]
+    )  # fmt: skip
+    assert settings.variants == ("transfer", "io_floor", "transfer j1", "transfer no-readahead")
+    env, args = settings.transfer_settings["transfer no-readahead"]
+    assert env == {"MERGEKIT_FTT_READAHEAD_BYTES": "0"} and args == ("--async-write",)
+    command = bench_merge.variant_command("transfer j1", settings, tmp_path / "out")
+    assert command[:2] == ["mergekit-yaml", str(tmp_path / "transfer.yml")]
+    assert command[-3:] == ["1B", "-j", "1"]
+
+
+def test_cache_states_of_the_inputs(tiny_checkpoints):
+    shards = bench_merge.Inputs.for_size(tiny_checkpoints, "tiny").shards
+    assert len(shards) > 3
+    bench_merge.set_cache(shards, "warm")
+    assert bench_merge.resident_fraction(shards) == 1.0
+    bench_merge.set_cache(shards, "cold")  # dropped where the file system allows it
+    assert 0.0 <= bench_merge.resident_fraction(shards) <= 1.0
+
+
+def test_fewer_layers_keep_every_tensor_shape(tiny_checkpoints, tmp_path):
+    from safetensors import safe_open
+
+    make_checkpoints.main(["tiny", "--layers", "1", "--no-extra-vocab", "--out", str(tmp_path)])
+    cut, full = tmp_path / "tiny-1layers" / "target", tiny_checkpoints / "tiny" / "target"
+
+    def shapes(path: Path) -> dict:
+        found = {}
+        for shard in path.glob("*.safetensors"):
+            with safe_open(shard, framework="pt") as handle:
+                found.update({n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()})  # noqa: SIM118
+        return found
+
+    cut_shapes, full_shapes = shapes(cut), shapes(full)
+    assert json.loads((cut / "config.json").read_text())["num_hidden_layers"] == 1
+    assert not any(".layers.1." in name for name in cut_shapes)
+    assert all(full_shapes[name] == shape for name, shape in cut_shapes.items())

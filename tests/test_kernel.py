@@ -11,6 +11,7 @@ from mergekit.merge_methods.api import merge_tensors
 from mergekit_ftt.merge_methods.finetuning_transfer import (
     CHUNK_ELEMENTS,
     FinetuningTransferError,
+    round_once,
 )
 
 IDS = ["target", "ft_a", "ft_b", "source_base"]
@@ -61,6 +62,21 @@ def test_dense_transfer_is_float64_rounded_once(dtype, shape):
     assert torch.equal(merged, rounded(expected, dtype))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dense_transfer_is_the_same_on_any_number_of_threads(threads):
+    """Every chunk is rounded on its own, however torch splits its ops between threads."""
+    tensors = random_inputs((10 * CHUNK_ELEMENTS + 77,), torch.bfloat16, seed=4)
+    weights = {"ft_a": 0.3, "ft_b": 1.0}
+    expected = rounded(numpy_reference(*tensors, 0.3, 1.0), torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        merged = transfer(tensors, weight=weights)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(merged, expected)
+
+
 def test_bf16_transfer_differs_from_bf16_task_arithmetic():
     """Why the method computes in float64: bf16 arithmetic mis-rounds many elements."""
     target, ft, _, source_base = random_inputs((256, 256), torch.bfloat16, seed=3)
@@ -102,6 +118,37 @@ def test_float32_deltas_rounded_once_to_a_narrower_output(output_dtype):
     assert torch.equal(merged, expected)
     through_float32 = torch.from_numpy(numpy_reference(*tensors, 1.0, 0.0)).to(output_dtype)
     assert (through_float32 != expected).sum() > 100  # the cases this test is about
+
+
+@pytest.mark.parametrize("output_dtype", [torch.bfloat16, torch.float16])
+def test_round_once_at_midpoints_subnormals_and_specials(output_dtype):
+    """Every float64 one ulp either side of an output midpoint, on it, and between, at
+    normal, subnormal and overflowing magnitudes of the output format, signed."""
+    bits, min_exponent = FORMATS[output_dtype]
+    generator = np.random.default_rng(7)
+    exponents = np.arange(min_exponent - bits - 2, 17 if output_dtype == torch.float16 else 129)
+    mantissas = generator.integers(1 << (bits - 1), 1 << bits, size=exponents.size)
+    # A midpoint of the output format at each exponent (or of the subnormal spacing).
+    spacing = np.ldexp(1.0, np.maximum(exponents, min_exponent) - bits)
+    midpoints = np.ldexp(mantissas.astype(np.float64), exponents - bits) + spacing / 2
+    far = np.spacing(midpoints) * 2**20  # off the midpoint, but not in float32
+    values = np.concatenate(
+        [
+            midpoints,
+            np.nextafter(midpoints, -np.inf),
+            np.nextafter(midpoints, np.inf),
+            midpoints - far,
+            midpoints + far,
+            generator.standard_normal(4096) * 10.0 ** generator.integers(-8, 3, 4096),
+        ]
+    )
+    values = np.concatenate([values, -values, [0.0, -0.0, np.inf, -np.inf, np.nan]])
+    expected = rounded(values, output_dtype)
+    got = torch.empty(values.size, dtype=output_dtype)
+    value = torch.from_numpy(values.copy())
+    round_once(value, got, torch.empty_like(value))
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
 
 
 def numpy_magnitude_mask(delta: np.ndarray, density: float) -> np.ndarray:

@@ -38,15 +38,18 @@ from mergekit.merge_methods.easy_define import merge_method
 from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, get_mask
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
-from mergekit_ftt import METHOD_NAME, PAPER_URL
+from mergekit_ftt import METHOD_NAME, PAPER_URL, readahead
 from mergekit_ftt.delta.loader import StoredDelta, stored_delta
 
-# Elements per float64 work chunk: the three 8 MiB scratch buffers, allocated once per
-# tensor and reused for each chunk, stay in the 32 MiB last-level cache, so every pass over
-# a chunk runs at cache speed and only the inputs and the output cross memory once. Fewer
-# elements were faster on one thread but much slower with -j 2 on a busy machine, where
-# each torch op ends in an OpenMP barrier (benchmarks/PROFILE.md).
-CHUNK_ELEMENTS = 1 << 20
+# Elements per float64 work chunk on the CPU: the three scratch buffers (1 MiB each) stay
+# in the cache through the ~10 passes over a chunk, and each pass is long enough that
+# Python's and torch's fixed cost per op stays small. On one thread (the default of a
+# transfer from the command line, mergekit_ftt.merge_options) 2^15 elements cost 24% more
+# CPU per element and 2^20 45% more; with two OpenMP threads on a quiet machine 2^17 was
+# also faster than 2^20 (benchmarks/kernel_speed.py, docs/performance.md).
+CHUNK_ELEMENTS = 1 << 17
+# On an accelerator the kernel's cost is launches, not cache misses: few, large chunks.
+DEVICE_CHUNK_ELEMENTS = 1 << 20
 
 
 # The floating-point dtypes mergekit reads by name (mergekit.common.dtype_from_name).
@@ -136,8 +139,8 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
     (drop the low mantissa bits, and set the lowest kept bit if any dropped bit was set):
     that is exact in float32, and rounding it to nearest in the output format then equals
     rounding ``value`` once (Boldo & Melquiond, "Emulation of FMA and correctly rounded
-    sums: proved algorithms using rounding to odd", 2008). All of it is in-place integer
-    work on float64 bit patterns, which torch runs at copy speed.
+    sums: proved algorithms using rounding to odd", 2008). All of it is four in-place
+    integer passes over the float64 bit patterns, which torch runs at copy speed.
 
     ``value`` (float64, contiguous) is overwritten; ``scratch`` is float64 of its size.
     """
@@ -146,9 +149,11 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
         dropped = 53 - (bits + 2)
         mask = (1 << dropped) - 1
         value_bits = value.view(torch.int64)
-        low = scratch.copy_(value).view(torch.int64).bitwise_and_(mask)
-        value_bits.bitwise_xor_(low)  # truncated towards zero
-        value_bits.bitwise_or_(low.add_(mask).bitwise_and_(1 << dropped))  # sticky bit
+        low = torch.bitwise_and(value_bits, mask, out=scratch.view(torch.int64))
+        # low + mask carries into bit `dropped` exactly when a dropped bit is set (the
+        # sticky bit); OR it in, then clear the dropped bits: truncation, lowest kept bit
+        # forced to 1 if anything was dropped.
+        value_bits.bitwise_or_(low.add_(mask)).bitwise_and_(~mask)
     out.copy_(value)
 
 
@@ -175,13 +180,14 @@ def _dense_transfer(
     # float64, in the order of w₁·Δ₁ + w₂·Δ₂ + … + target with Δᵢ = ftᵢ − sb or a stored
     # Δᵢ (its rounded elements replaced by their exact values), and round_once rounds the
     # sum to the output dtype once.
-    size = min(CHUNK_ELEMENTS, flat_out.numel())
+    chunk = CHUNK_ELEMENTS if target.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    size = min(chunk, flat_out.numel())
     delta_sum, base, scratch = (
         torch.empty(size, dtype=torch.float64, device=target.device) for _ in range(3)
     )
-    for start in range(0, flat_out.numel(), CHUNK_ELEMENTS):
-        window = slice(start, start + CHUNK_ELEMENTS)
-        count = min(CHUNK_ELEMENTS, flat_out.numel() - start)
+    for start in range(0, flat_out.numel(), chunk):
+        window = slice(start, start + chunk)
+        count = min(chunk, flat_out.numel() - start)
         chunk_sum, chunk_base, chunk_scratch = delta_sum[:count], base[:count], scratch[:count]
         if source_base is not None:
             chunk_base.copy_(source_base.reshape(-1)[window])
@@ -306,6 +312,7 @@ def finetuning_transfer(
     would otherwise round the kernel's result a second time when it writes ``out_dtype``.
     """
     inputs = split_roles(role)
+    readahead.reached(group.metadata.name)
     entries = {entry.id: entry.tensor for entry in group.non_base}
     target = group.base.tensor
     terms = [
