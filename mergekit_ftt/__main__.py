@@ -1,8 +1,9 @@
-"""``python -m mergekit_ftt yaml|multi ARGS``: mergekit's own commands, method registered.
+"""``python -m mergekit_ftt yaml|multi|inspect|sweep|delta ARGS``: the commands, hook installed.
 
 The fallback for interpreters where the start-up ``.pth`` hook did not run (for example
 a ``--target`` install outside site-packages): it installs the same hook explicitly,
-then hands the arguments to ``mergekit-yaml`` or ``mergekit-multi`` unchanged.
+then hands the arguments to ``mergekit-yaml``, ``mergekit-multi`` or an ``ftt-*`` command
+unchanged.
 """
 
 from __future__ import annotations
@@ -13,26 +14,31 @@ import sys
 from mergekit_ftt import hook
 
 COMMANDS = {"yaml": "mergekit.scripts.run_yaml", "multi": "mergekit.scripts.multimerge"}
+# The plugin's own commands that read recipes, for the same interpreters.
+FTT_COMMANDS = {
+    "inspect": "mergekit_ftt.inspect.cli",
+    "sweep": "mergekit_ftt.sweep.cli",
+    "delta": "mergekit_ftt.delta.cli",
+}
+USAGE = """usage: python -m mergekit_ftt {yaml,multi,inspect,sweep,delta} ARGS...
+  yaml     runs mergekit-yaml with finetuning_transfer registered
+  multi    runs mergekit-multi with finetuning_transfer registered
+  inspect  runs ftt-inspect (will this delta transfer?)
+  sweep    runs ftt-sweep (which α?)
+  delta    runs ftt-delta (extract or describe a stored delta)"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["inspect"]:
-        from mergekit_ftt.inspect.cli import main as inspect_main
-
-        return inspect_main(argv[1:])
-    if not argv or argv[0] not in COMMANDS:
-        print(
-            "usage: python -m mergekit_ftt {yaml,multi,inspect} ARGS...\n"
-            "  yaml   runs mergekit-yaml with finetuning_transfer registered\n"
-            "  multi  runs mergekit-multi with finetuning_transfer registered\n"
-            "  inspect  runs ftt-inspect (will this delta transfer?)",
-            file=sys.stderr,
-        )
+    command = argv[0] if argv else None
+    if command not in COMMANDS and command not in FTT_COMMANDS:
+        print(USAGE, file=sys.stderr)
         return 2
     hook.install()
-    command = importlib.import_module(COMMANDS[argv[0]])
-    return command.main(args=argv[1:], prog_name=f"python -m mergekit_ftt {argv[0]}")
+    if command in FTT_COMMANDS:
+        return importlib.import_module(FTT_COMMANDS[command]).main(argv[1:])
+    mergekit_command = importlib.import_module(COMMANDS[command])
+    return mergekit_command.main(args=argv[1:], prog_name=f"python -m mergekit_ftt {command}")
 
 
 if __name__ == "__main__":

@@ -397,17 +397,29 @@ def test_cli_writes_table_json_and_png(family, tmp_path):
     }
 
 
-def test_python_dash_m_dispatches_to_ftt_inspect():
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [("inspect", "usage: ftt-inspect [-h]"), ("delta", "usage: ftt-delta [-h]"),
+     ("sweep", "usage: ftt-sweep [-h]")],
+)  # fmt: skip
+def test_python_dash_m_dispatches_to_the_ftt_commands(command, usage):
     result = subprocess.run(
-        [sys.executable, "-m", "mergekit_ftt", "inspect", "--help"],
+        [sys.executable, "-m", "mergekit_ftt", command, "--help"],
         env=OFFLINE_ENV,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: ftt-inspect [-h]")
-    assert "--json FILE" in result.stdout and "--plot FILE.png" in result.stdout
+    assert result.stdout.startswith(usage)
+
+
+def test_python_dash_m_without_a_command_lists_them():
+    result = subprocess.run(
+        [sys.executable, "-m", "mergekit_ftt"], env=OFFLINE_ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "{yaml,multi,inspect,sweep,delta}" in result.stderr
 
 
 def test_spearman_with_ties_against_a_hand_computation():
