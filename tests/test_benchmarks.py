@@ -141,6 +141,15 @@ def test_task_arithmetic_with_plus_minus_one_is_the_transfer():
     assert torch.equal(merged, reference)
 
 
+def test_verification_reference_rounds_once_where_torch_rounds_twice():
+    # 1 + 2^-8 + 2^-30 lies just above a bf16 tie: float32 rounds it onto the tie, and bf16
+    # then rounds the tie to even (1.0); rounded once, it goes up to 1 + 2^-7.
+    values = torch.tensor([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 3.25e-3], dtype=torch.float64)
+    assert values.to(torch.bfloat16)[0].item() == 1.0
+    once = bench_merge.rounded_once(values, torch.bfloat16, chunk=2)
+    assert once.tolist() == [1 + 2**-7, -(1 + 2**-7), torch.tensor(3.25e-3).bfloat16().item()]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
