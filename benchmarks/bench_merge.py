@@ -786,7 +786,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument(
         "--transfer-setting", action="append", default=[], metavar="LABEL=ARGS",
         help="one more transfer variant with extra mergekit options (and leading NAME=VALUE "
-        "environment variables), e.g. 'j1=-j 1' or 'no-readahead=MERGEKIT_FTT_READAHEAD_BYTES=0'",
+        "environment variables), e.g. 'j2=-j 2' or 'arenas=MALLOC_ARENA_MAX=2 --no-async-write'",
     )  # fmt: skip
     parser.add_argument(
         "--cache", choices=sorted(CACHE_NOTES), default="as-found",

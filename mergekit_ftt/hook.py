@@ -11,8 +11,8 @@ for three mergekit modules and extends each right after it has run:
 - ``mergekit.merge``: wrap ``run_merge`` so that a ``finetuning_transfer`` merge runs
   with the plugin's defaults for the options the user left
   (:mod:`mergekit_ftt.merge_options`), is checked (:mod:`mergekit_ftt.preflight`) before
-  anything is loaded or written, reads its inputs ahead (:mod:`mergekit_ftt.readahead`),
-  and its output gets the generation config that goes with its tokenizer
+  anything is loaded or written, and its output gets the generation config that goes
+  with its tokenizer
   (:mod:`mergekit_ftt.outputs`). The entry points (``mergekit-yaml``,
   ``mergekit-multi``) import ``run_merge`` from there.
 
@@ -85,14 +85,12 @@ def _check_before_run_merge(merge_module) -> None:
         from mergekit_ftt.merge_options import transfer_options
         from mergekit_ftt.outputs import copy_generation_config
         from mergekit_ftt.preflight import check_merge
-        from mergekit_ftt.readahead import reading_ahead
 
         options = arguments[options_name] = transfer_options(
             arguments[config_name], arguments[options_name]
         )
         arguments[config_name] = config = check_merge(arguments[config_name], out_path, options)
-        with reading_ahead(config):
-            result = run_merge(*bound.args, **bound.kwargs)
+        result = run_merge(*bound.args, **bound.kwargs)
         copy_generation_config(config, out_path, options)
         return result
 

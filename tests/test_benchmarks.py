@@ -179,12 +179,12 @@ def test_transfer_settings_add_variants_with_their_options_and_environment(
             "--variants", "transfer,io_floor",
             "--mergekit-args", "--out-shard-size 1B",
             "--transfer-setting", "j1=-j 1",
-            "--transfer-setting", "no-readahead=MERGEKIT_FTT_READAHEAD_BYTES=0 --async-write",
+            "--transfer-setting", "sync=MALLOC_ARENA_MAX=2 --no-async-write",
         ]
     )  # fmt: skip
-    assert settings.variants == ("transfer", "io_floor", "transfer j1", "transfer no-readahead")
-    env, args = settings.transfer_settings["transfer no-readahead"]
-    assert env == {"MERGEKIT_FTT_READAHEAD_BYTES": "0"} and args == ("--async-write",)
+    assert settings.variants == ("transfer", "io_floor", "transfer j1", "transfer sync")
+    env, args = settings.transfer_settings["transfer sync"]
+    assert env == {"MALLOC_ARENA_MAX": "2"} and args == ("--no-async-write",)
     command = bench_merge.variant_command("transfer j1", settings, tmp_path / "out")
     assert command[:2] == ["mergekit-yaml", str(tmp_path / "transfer.yml")]
     assert command[-3:] == ["1B", "-j", "1"]

@@ -38,7 +38,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, get_mask
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
-from mergekit_ftt import METHOD_NAME, PAPER_URL, readahead
+from mergekit_ftt import METHOD_NAME, PAPER_URL
 from mergekit_ftt.delta.loader import StoredDelta, stored_delta
 
 # Elements per float64 work chunk on the CPU: the three scratch buffers (1 MiB each) stay
@@ -312,7 +312,6 @@ def finetuning_transfer(
     would otherwise round the kernel's result a second time when it writes ``out_dtype``.
     """
     inputs = split_roles(role)
-    readahead.reached(group.metadata.name)
     entries = {entry.id: entry.tensor for entry in group.non_base}
     target = group.base.tensor
     terms = [
