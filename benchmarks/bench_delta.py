@@ -45,6 +45,7 @@ from bench_merge import (  # noqa: E402
     Inputs,
     Run,
     machine_info,
+    machine_line,
     measure,
     mergekit_command,
     startup_run,
@@ -173,15 +174,12 @@ def compare(reference: Path, output: Path) -> dict:
 
 
 def render(result: dict) -> str:
-    machine, summary = result["machine"], result["summary"]
+    summary = result["summary"]
     startup = summary.get("startup", {}).get("wall_s", 0.0)
     lines = [
         f"# Delta benchmark: {result['size']}, {result['started_utc']}",
         "",
-        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM; "
-        f"shared with other jobs, load average {' / '.join(f'{x:.2f}' for x in result['load_average_start'])} "
-        f"at start, {' / '.join(f'{x:.2f}' for x in result['load_average_end'])} at end. "
-        f"torch {machine['torch']}, mergekit {machine['mergekit']}.",
+        machine_line(result),
         "",
         f"Median of {result['repeats']} alternating runs, each a fresh process. Merge work = "
         "wall − `mergekit-yaml --help`. Ratios are per round (side by side), then the median.",

@@ -31,6 +31,7 @@ from bench_merge import (
     REPO,
     Inputs,
     machine_info,
+    machine_line,
     measure,
     summarize,
     transfer_config,
@@ -49,17 +50,12 @@ def commands(recipe: Path, workdir: Path, mergekit_args: list[str]) -> dict[str,
 
 
 def render(result: dict) -> str:
-    summary, machine = result["summary"], result["machine"]
+    summary = result["summary"]
     merge_wall = summary["transfer"].get("wall_s")
     lines = [
         f"# ftt-inspect vs the transfer merge: {result['size']}, {result['started_utc']}",
         "",
-        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM; "
-        f"shared with other jobs, load average "
-        f"{' / '.join(f'{x:.2f}' for x in result['load_average_start'])} at start, "
-        f"{' / '.join(f'{x:.2f}' for x in result['load_average_end'])} at end (1/5/15 min). "
-        f"torch {machine['torch']} ({machine['torch_threads']} threads), mergekit "
-        f"{machine['mergekit']}.",
+        machine_line(result),
         "",
         f"Inputs {result['input_bytes'] / GB:.2f} GB (three checkpoints). Median of "
         f"{result['repeats']} alternating runs, each a fresh process, start-up included.",

@@ -705,19 +705,26 @@ CACHE_NOTES = {
 }
 
 
-def render_markdown(result: dict) -> str:
+def machine_line(result: dict) -> str:
+    """The results files' line on the machine, its load and the library versions."""
     machine = result["machine"]
+    loads = [" / ".join(f"{x:.2f}" for x in result[key]) for key in ("load_average_start", "load_average_end")]  # fmt: skip
+    return (
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM "
+        f"({machine['available_ram_gb']} GB available at start); shared with other jobs, load "
+        f"average {loads[0]} at start, {loads[1]} at end (1/5/15 min). torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), mergekit {machine['mergekit']}, transformers "
+        f"{machine['transformers']}."
+    )
+
+
+def render_markdown(result: dict) -> str:
     startup = result["summary"]["startup"].get("wall_s", 0.0)
     cache = result.get("cache", "as-found")
     parts = [
         f"# Merge benchmark: {result['size']}, {result['started_utc']}",
         "",
-        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM "
-        f"({machine['available_ram_gb']} GB available at start); shared with other jobs, load "
-        f"average {' / '.join(f'{x:.2f}' for x in result['load_average_start'])} at start, "
-        f"{' / '.join(f'{x:.2f}' for x in result['load_average_end'])} at end (1/5/15 min). "
-        f"torch {machine['torch']} ({machine['torch_threads']} threads), mergekit "
-        f"{machine['mergekit']}, transformers {machine['transformers']}.",
+        machine_line(result),
         "",
         f"Inputs {result['input_bytes'] / GB:.2f} GB (three checkpoints), output "
         f"{result['output_bytes'] / GB:.2f} GB. Page cache: {CACHE_NOTES[cache]}. Median "
