@@ -197,8 +197,11 @@ def test_wheel_install_registers_through_pth(tmp_path):
     # checkout) are not processed: only the wheel's .pth can register the method.
     nested_site = python_says(python, "import sysconfig; print(sysconfig.get_path('purelib'))")
     (Path(nested_site) / "outer_environment.pth").write_text("\n".join(outer_site_dirs()) + "\n")
+    # --ignore-installed: pip sees the outer environment's mergekit-ftt through that .pth
+    # and, where it is a regular install of the same version, would install nothing.
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", str(wheel)],
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--ignore-installed",
+         "-q", str(wheel)],
         check=True, env=OFFLINE_ENV,
     )  # fmt: skip
     code = (
