@@ -63,8 +63,8 @@ def explain(
     if isinstance(error, RevisionNotFoundError):
         return (
             f"{repo_id} has no revision {revision!r} (a branch, tag or commit): check the name "
-            f"after '@' in the recipe; the branches and tags are listed at "
-            f"{url(repo_id)}/tree/main."
+            f"(after '@' in a recipe, `model_revision` in a training config); the branches "
+            f"and tags are listed at {url(repo_id)}/tree/main."
         )
     if isinstance(error, RemoteEntryNotFoundError):
         return (
