@@ -184,7 +184,7 @@ def delta_card(delta: DeltaConfig, name: str) -> str:
         "|---|---|",
         f"| fine-tuned model | {_source_text(finetuned)} |",
         f"| its base | {_source_text(base)} |",
-        f"| stored as | {_encoding_text(delta)}; {_size(delta.stored_bytes)} in "
+        f"| stored as | {_encoding_text(delta)}; {format_bytes(delta.stored_bytes)} in "
         f"{len(delta.files)} file(s) |",
         f"| applying it is | {exactness} |",
         f"| vocabulary | {vocabulary} |",
@@ -220,7 +220,8 @@ tokenizer:
   source: {name}             # the fine-tuned model's tokenizer and chat template"""
 
 
-def _size(count: int) -> str:
+def format_bytes(count: int) -> str:
+    """A byte count in GB, MB or kB (decimal), as the cards and ``ftt-delta info`` print it."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= scale:
             return f"{count / scale:.2f} {unit}"

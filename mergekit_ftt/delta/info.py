@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+from mergekit_ftt.card import format_bytes
 from mergekit_ftt.delta.format import DeltaConfig, DeltaFolder
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -113,7 +114,7 @@ def render(facts: dict, per_tensor: bool = False) -> str:
         f"({', '.join(facts['architecture']['architectures'])}), {facts['tensors']} tensors, "
         f"{facts['elements']:,} elements",
         f"  stored as    {stored}",
-        f"  size         {facts['stored_bytes'] / 1e9:.3f} GB in {facts['files']} file(s), "
+        f"  size         {format_bytes(facts['stored_bytes'])} in {facts['files']} file(s), "
         f"{facts['bytes_per_element']:.3f} bytes per element",
         "  vocabulary   "
         + (
