@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -195,8 +196,9 @@ def test_cache_states_of_the_inputs(tiny_checkpoints):
     assert len(shards) > 3
     bench_merge.set_cache(shards, "warm")
     assert bench_merge.resident_fraction(shards) == 1.0
-    bench_merge.set_cache(shards, "cold")  # dropped where the file system allows it
-    assert 0.0 <= bench_merge.resident_fraction(shards) <= 1.0
+    os.sync()  # written pages are dropped only once they are clean
+    bench_merge.set_cache(shards, "cold")
+    assert bench_merge.resident_fraction(shards) < 0.5
 
 
 def test_fewer_layers_keep_every_tensor_shape(tiny_checkpoints, tmp_path):

@@ -198,7 +198,8 @@ def test_sweep_resumes_reports_planted_scores_and_builds_alike_on_disk(recipe, t
     forced = run_cli(*args, "--force", "--build", "disk")
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.count("written by mergekit in") == 5
-    assert not any((out / "variants").iterdir()) if (out / "variants").exists() else True
+    # Variants built on disk are removed once evaluated; the folder itself may stay.
+    assert not (out / "variants").exists() or not any((out / "variants").iterdir())
     for label, files in results_files(out).items():
         assert len(files) == 2
         # The variant written by mergekit and the one built in memory: the same model.

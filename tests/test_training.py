@@ -112,7 +112,9 @@ class StepRecorder:
 
 
 def test_tulu_template_renders_like_open_instruct_with_bos(olmo_inputs, tmp_path):
-    tokenizer = trainer_for(write_config(tmp_path / "t.yaml", olmo_inputs, "x")).processing_class
+    tokenizer = trainer_for(
+        write_config(tmp_path / "t.yaml", olmo_inputs, tmp_path / "x")
+    ).processing_class
     messages = first_row(olmo_inputs)["messages"]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     user, assistant = messages[0]["content"], messages[1]["content"]

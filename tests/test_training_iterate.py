@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -13,11 +12,6 @@ import yaml
 from mergekit_ftt.cli import FttError
 from mergekit_ftt.training import iterate, sft
 from mergekit_ftt.training.smoke import make_smoke_inputs
-
-needs_method = pytest.mark.skipif(
-    importlib.util.find_spec("mergekit_ftt.merge_methods.finetuning_transfer") is None,
-    reason="needs the finetuning_transfer merge method (branch main)",
-)
 
 
 def test_template_gets_each_rounds_models_by_role(tmp_path):
@@ -66,7 +60,6 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@needs_method
 @pytest.mark.slow
 def test_two_rounds_of_transfer_then_finetune(tmp_path, capsys, one_thread):
     from transformers import AutoModelForCausalLM
