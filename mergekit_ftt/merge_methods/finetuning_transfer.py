@@ -87,8 +87,22 @@ class Roles:
 def split_roles(roles: Mapping[Hashable, object]) -> Roles:
     """Sort the inputs by role or raise with the fix.
 
-    ``roles`` maps each non-target input to its ``role`` parameter.
+    ``roles`` maps each non-target input to its ``role`` parameter. With no role on any
+    input (mergekit's in-memory API, ``merge_state_dicts``/``merge_tensors``, called
+    without ``parameters={"role": …}``), every non-target input is taken as a delta
+    itself: the result is ``target + Σ weight · input``. A recipe run by ``mergekit-yaml``
+    never gets there: its preflight asks for a role on every model
+    (:func:`mergekit_ftt.preflight.recipe.configured_roles`).
     """
+    if roles and all(role is None for role in roles.values()):
+        return Roles(None, list(roles), frozenset(roles))
+    unset = [model for model, role in roles.items() if role is None]
+    if unset:
+        raise FinetuningTransferError(
+            f"{METHOD_NAME}: model {unset[0]} has no role while others have one; give every "
+            f"model except the target a role (source_finetuned, source_base or delta), or none "
+            f"to add the inputs to the target as deltas."
+        )
     by_role: dict[str, list[Hashable]] = {role.value: [] for role in Role}
     deltas = []
     for model, role in roles.items():
@@ -289,7 +303,7 @@ def _sparse_transfer(
 )
 def finetuning_transfer(
     group: TensorGroup,
-    role: PerNonBase[str],
+    role: PerNonBase[str | None] = None,
     weight: PerNonBase[float] = 1.0,
     density: PerNonBase[float] = 1.0,
     epsilon: PerNonBase[float] = 0.15,
@@ -301,6 +315,9 @@ def finetuning_transfer(
     output_dtype: OutputDtype | None = None,
 ) -> torch.Tensor:
     """Transfer the deltas ``finetuned − source_base`` and stored deltas onto the target.
+
+    Without any ``role`` (the in-memory API), the non-target inputs are the deltas
+    themselves (see :func:`split_roles`).
 
     ``weight``, ``density``, ``epsilon`` and ``gamma`` are read for ``source_finetuned``
     and ``delta`` inputs only; ``density``/``epsilon``/``gamma``/``rescale`` take effect with a
