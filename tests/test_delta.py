@@ -17,7 +17,8 @@ import torch
 import yaml
 from helpers import load_weights, run_cli
 
-from mergekit_ftt.delta.info import module_of, open_and_describe
+from mergekit_ftt.delta.info import open_and_describe
+from mergekit_ftt.modules import module_path
 from mergekit_ftt.training.iterate import _substitute as stand_ins  # each value swapped
 
 pytestmark = pytest.mark.slow  # every test runs ftt-delta and/or mergekit-yaml
@@ -254,7 +255,7 @@ def test_sign_delta_is_sign_times_mean_magnitude_per_row(models, tmp_path):
     assert payload < stored < payload + 8192  # + the safetensors header
     facts = open_and_describe(delta, verify=False)
     for module in facts["modules"]:
-        names = [n for n in exact if module_of(n) == module["module"]]
+        names = [n for n in exact if module_path(n) == module["module"]]
         error = math.sqrt(sum(((decoded[n] - exact[n]) ** 2).sum() for n in names))
         norm = math.sqrt(sum((exact[n] ** 2).sum() for n in names))
         expected = error / norm if norm else 0.0  # the norms' Δ is 0: both models init them to 1

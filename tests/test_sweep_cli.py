@@ -67,7 +67,7 @@ def test_help_documents_every_option():
         assert action.help, action.dest
         for flag in action.option_strings:
             assert flag in text, flag
-    for words in ("RECIPE.yml", "attention, mlp, embeddings", "built in memory"):
+    for words in ("RECIPE.yml", "embeddings, attention, mlp, norms", "built in memory"):
         assert words in text
 
 
@@ -92,7 +92,7 @@ def sweep_args(recipe: Path, out: Path, task_dir: Path, *extra: str) -> list[str
         ({"--alphas": ""}, "--alphas '' has an empty value"),
         ({"--alphas": "0,1,one"}, "'one' is not a finite number"),
         ({"--alphas": "1,1"}, "lists 1 twice"),
-        ({"--modules": "mlp,norms"}, "choose from attention, mlp, embeddings"),
+        ({"--modules": "mlp,other"}, "choose from embeddings, attention, mlp, norms"),
         ({"recipe": "ties"}, "uses merge_method 'ties'; ftt-sweep scales the delta weights"),
         ({"--tasks": None, "--suite": "no-such-suite"}, "unknown suite 'no-such-suite'"),
         ({"--backend": "vllm"}, "the vllm backend needs vLLM, which is not installed"),

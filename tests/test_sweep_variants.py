@@ -13,6 +13,7 @@ from helpers import load_weights, run_cli
 from mergekit.config import ConditionalParameter
 
 from mergekit_ftt.cli import FttError
+from mergekit_ftt.modules import module_kind
 from mergekit_ftt.sweep import build, grid
 
 LLAMA_NAMES = [
@@ -53,22 +54,27 @@ def test_alphas_and_labels():
         "1.5",
         "0.30000000000000004",
     ]
-    with pytest.raises(FttError, match="choose from attention, mlp, embeddings"):
-        grid.parse_kinds("attention,norms")
+    with pytest.raises(FttError, match="choose from embeddings, attention, mlp, norms"):
+        grid.parse_kinds("attention,other")
 
 
 def test_module_kinds_are_whole_path_components():
-    kinds = {name: grid.module_kind(name) for name in LLAMA_NAMES}
+    kinds = {name: module_kind(name) for name in LLAMA_NAMES}
     assert kinds == {
         "model.embed_tokens.weight": "embeddings",
         "model.layers.0.self_attn.q_proj.weight": "attention",
         "model.layers.0.mlp.up_proj.weight": "mlp",
-        "model.layers.0.input_layernorm.weight": None,
-        "model.layers.0.post_attention_layernorm.weight": None,  # not attention
-        "model.norm.weight": None,
+        "model.layers.0.input_layernorm.weight": "norms",
+        "model.layers.0.post_attention_layernorm.weight": "norms",  # not attention
+        "model.norm.weight": "norms",
         "lm_head.weight": "embeddings",
     }
     assert grid.module_filters(LLAMA_NAMES, "attention") == (".self_attn.",)
+    assert grid.module_filters(LLAMA_NAMES, "norms") == (
+        ".input_layernorm.",
+        ".post_attention_layernorm.",
+        ".norm.",
+    )
     assert grid.module_filters(LLAMA_NAMES, "embeddings") == (".embed_tokens.", "lm_head.")
     # A filter that would also select another tensor falls back to the exact names.
     names = [*LLAMA_NAMES, "model.extra_mlp.weight", "model.x.mlp.weight"]

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 from mergekit_ftt.card import format_bytes
 from mergekit_ftt.delta.format import DeltaConfig, DeltaFolder
-
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def module_of(name: str) -> str:
-    """``model.layers.7.self_attn.q_proj.weight`` -> ``layers.*.self_attn.q_proj.weight``."""
-    return _LAYER.sub(".*.", name, count=1).removeprefix("model.")
+from mergekit_ftt.modules import module_kind, module_path
 
 
 def summary_rows(delta: DeltaConfig) -> list[tuple[str, int, float]]:
     """(module, tensors, ‖decoded − Δ‖ / ‖Δ‖ over those tensors), in first-seen order."""
     sums: dict[str, list[float]] = {}
     for name, info in delta.tensors.items():
-        entry = sums.setdefault(module_of(name), [0, 0.0, 0.0])
+        entry = sums.setdefault(module_path(name), [0, 0.0, 0.0])
         entry[0] += 1
         entry[1] += info.error**2
         entry[2] += info.norm**2
@@ -58,7 +51,12 @@ def describe(delta: DeltaConfig, path: str | Path) -> dict:
         "generation_config": (folder / "generation_config.json").exists(),
         "relative_error": total_error / total_norm if total_norm else 0.0,
         "modules": [
-            {"module": module, "tensors": count, "relative_error": error}
+            {
+                "module": module,
+                "kind": module_kind(module),
+                "tensors": count,
+                "relative_error": error,
+            }
             for module, count, error in summary_rows(delta)
         ],
         "per_tensor": {
@@ -135,10 +133,10 @@ def render(facts: dict, per_tensor: bool = False) -> str:
         ),
         f"  relative reconstruction error ‖decoded − Δ‖/‖Δ‖: {facts['relative_error']:.4g} overall",
         "",
-        "| module | tensors | relative error |",
-        "|---|---:|---:|",
+        "| module | kind | tensors | relative error |",
+        "|---|---|---:|---:|",
         *(
-            f"| {m['module']} | {m['tensors']} | {m['relative_error']:.4g} |"
+            f"| {m['module']} | {m['kind']} | {m['tensors']} | {m['relative_error']:.4g} |"
             for m in facts["modules"]
         ),
     ]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -33,6 +32,7 @@ from mergekit.common import ModelReference, dtype_from_name
 
 from mergekit_ftt.inspect.checkpoint import Checkpoint
 from mergekit_ftt.inspect.recipe import PlannedTensor, TensorSource
+from mergekit_ftt.modules import KINDS, layer_index, module_kind
 from mergekit_ftt.precision import holds_exactly
 
 # Elements per float64 work chunk: four 1 MiB buffers stay in cache, and one thread does
@@ -40,29 +40,6 @@ from mergekit_ftt.precision import holds_exactly
 # CPU for 2^20 elements of three bf16 inputs in 2^17-element chunks, against 15 ms in one
 # 2^20 chunk and 58-73 ms with two threads, which spend it waiting for each other.
 CHUNK_ELEMENTS = 1 << 17
-KINDS = ("embeddings", "attention", "mlp", "norms", "other")
-_LAYER = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_EMBEDDING_NAMES = ("embed", "wte", "wpe", "lm_head", "embed_out")
-_ATTENTION_NAMES = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn", "experts", "gate_proj", "up_proj", "down_proj")
-
-
-def module_kind(name: str) -> str:
-    """embeddings, attention, mlp, norms or other, from a tensor's name."""
-    if any(part in name for part in _EMBEDDING_NAMES):
-        return "embeddings"
-    if "norm" in name or ".ln_" in name:  # before attention: OLMo 2's self_attn.q_norm is a norm
-        return "norms"
-    if any(part in name for part in _ATTENTION_NAMES):
-        return "attention"
-    if any(part in name for part in _MLP_NAMES):
-        return "mlp"
-    return "other"
-
-
-def layer_index(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 @dataclass

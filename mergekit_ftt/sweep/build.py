@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergekit_ftt.cli import FttError
-from mergekit_ftt.sweep.grid import ALL, Variant, module_kind
+from mergekit_ftt.modules import module_kind
+from mergekit_ftt.sweep.grid import ALL, Variant
 
 if TYPE_CHECKING:
     import torch

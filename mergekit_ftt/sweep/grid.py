@@ -27,6 +27,7 @@ import yaml
 
 from mergekit_ftt import METHOD_NAME
 from mergekit_ftt.cli import FttError
+from mergekit_ftt.modules import KINDS, kind_component, kind_description, module_kind
 
 if TYPE_CHECKING:
     from mergekit.config import MergeConfiguration
@@ -39,13 +40,8 @@ ALL = "all"  # the kind of a variant that scales every tensor
 # Path components (between dots) that put a tensor in a module kind; the first component
 # of a name that appears here decides. Whole components only: Llama's
 # ``post_attention_layernorm`` is a norm, not attention.
-MODULE_KINDS: dict[str, frozenset[str]] = {
-    "attention": frozenset({"self_attn", "attn", "attention", "self_attention"}),
-    "mlp": frozenset({"mlp", "feed_forward", "ffn", "block_sparse_moe"}),
-    "embeddings": frozenset(
-        {"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "word_embeddings"}
-    ),
-}
+# The kinds --modules takes: every module kind but "other" (mergekit_ftt.modules).
+MODULE_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
 
 def format_alpha(alpha: float) -> str:
@@ -89,15 +85,6 @@ def parse_kinds(text: str) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def module_kind(tensor_name: str) -> str | None:
-    """The module kind of a tensor, by the first path component that names one."""
-    for component in tensor_name.split("."):
-        for kind, components in MODULE_KINDS.items():
-            if component in components:
-                return kind
-    return None
-
-
 def module_filters(tensor_names: Sequence[str], kind: str) -> tuple[str, ...]:
     """mergekit filters (substrings) that select exactly the tensors of ``kind``.
 
@@ -108,12 +95,12 @@ def module_filters(tensor_names: Sequence[str], kind: str) -> tuple[str, ...]:
     if not members:
         raise FttError(
             f"--modules {kind}: no tensor of this model is a {kind} tensor (looked for "
-            f"path components {', '.join(sorted(MODULE_KINDS[kind]))})"
+            f"{kind_description(kind)})"
         )
     filters: list[str] = []
     for name in members:
         components = name.split(".")
-        index = next(i for i, c in enumerate(components) if c in MODULE_KINDS[kind])
+        index = kind_component(name)[1]
         text = components[index] + "."
         filters.append(text if index == 0 else "." + text)
     filters = list(dict.fromkeys(filters))
