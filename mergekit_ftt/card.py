@@ -152,8 +152,6 @@ def _encoding_text(delta: DeltaConfig) -> str:
 
 def delta_card(delta: DeltaConfig, name: str) -> str:
     """The card of a delta folder."""
-    from mergekit_ftt.delta.info import summary_rows
-
     finetuned, base = delta.finetuned, delta.base
     recipe = RECIPE_TEMPLATE.format(name=name, dtype=delta.encoding.dtype)
     exactness = {
@@ -204,7 +202,7 @@ def delta_card(delta: DeltaConfig, name: str) -> str:
         "",
         "| module | tensors | relative error |",
         "|---|---:|---:|",
-        *(f"| {row[0]} | {row[1]} | {row[2]:.3g} |" for row in summary_rows(delta)),
+        *(f"| {row[0]} | {row[1]} | {row[2]:.3g} |" for row in delta.module_errors()),
         "",
     ]
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 
 # The Tülu chat template (Open-Instruct), with {% generation %} markers around the
 # assistant's reply and EOS so that TRL's `assistant_only_loss` can find them.

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from mergekit_ftt.errors import FttError
+
 if TYPE_CHECKING:
     from pydantic import BaseModel
     from tqdm import tqdm
@@ -47,10 +49,6 @@ LIBRARY_LOGGERS = (
     "urllib3",
     "httpx",
 )
-
-
-class FttError(Exception):
-    """A problem the user can fix; the message names it and says how."""
 
 
 Main = Callable[[Sequence[str] | None], int]

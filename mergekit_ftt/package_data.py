@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 
 DataFolder = Literal["training", "eval", "recipes"]
 YAML_SUFFIXES = (".yaml", ".yml")

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from mergekit_ftt import hub
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 
 log = logging.getLogger(__name__)
 

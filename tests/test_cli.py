@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from mergekit_ftt.cli import FttError, Stages, add_options, entry_point, library_logs, options_from
+from mergekit_ftt.cli import Stages, add_options, entry_point, library_logs, options_from
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import BackendOptions, RunOptions
 
 

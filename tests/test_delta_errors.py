@@ -31,7 +31,7 @@ def refused(recipe: dict, tmp_path: Path) -> str:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+    from mergekit_ftt.errors import FinetuningTransferError
     from mergekit_ftt.preflight import check_merge
 
     with pytest.raises(FinetuningTransferError) as error:

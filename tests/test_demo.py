@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from mergekit_ftt.cli import FttError
 from mergekit_ftt.demo.cli import LOG_FILE, mark_finished, prepare_output
 from mergekit_ftt.demo.config import load_config
 from mergekit_ftt.demo.corpus import TaskConfig, World, held_out_examples, sft_examples
+from mergekit_ftt.errors import FttError
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess:

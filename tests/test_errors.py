@@ -17,7 +17,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
-from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.errors import FinetuningTransferError
 
 
 def refused(recipe: dict, tmp_path, match: str, **options) -> None:

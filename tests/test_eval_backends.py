@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval import BackendOptions, BackendUnavailable, ModelSpec, backends, olmes
 from mergekit_ftt.eval.suites import load_suite
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.report import build_table, to_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]

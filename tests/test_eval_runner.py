@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mergekit_ftt import tiny
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval import BackendOptions, ModelSpec, cli, evaluate_models, runner
 
 pytestmark = pytest.mark.slow

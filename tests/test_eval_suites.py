@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval import SUITES_DIR, load_suite, runner
 from mergekit_ftt.eval.suites import shipped_suites
 

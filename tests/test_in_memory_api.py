@@ -6,7 +6,7 @@ import pytest
 import torch
 from mergekit.merge_methods.api import merge_state_dicts
 
-from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.errors import FinetuningTransferError
 
 
 def tensors(count: int) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import yaml
 from helpers import OFFLINE_ENV, run_cli, transfer_recipe
 from safetensors.torch import load_file, save_file
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.inspect import calibration, inspect_recipe, statistics
 
 STATISTIC_KEYS = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import OFFLINE_ENV
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.package_data import data_folder, find_data_file, shipped_names
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import yaml
 from helpers import load_weights, run_cli
 from mergekit.config import ConditionalParameter
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.modules import module_kind
 from mergekit_ftt.sweep import build, grid
 

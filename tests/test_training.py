@@ -14,7 +14,7 @@ import yaml
 from helpers import error_line
 
 from mergekit_ftt.chat_templates import tulu_chat_template
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.training import checks, sft
 from mergekit_ftt.training.smoke import arithmetic_rows, make_smoke_inputs, write_jsonl
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.training import iterate, sft
 from mergekit_ftt.training.smoke import make_smoke_inputs
 

@@ -27,7 +27,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_ftt import hub
-from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.errors import FinetuningTransferError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -18,8 +18,9 @@ from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_ftt.delta.format import DeltaConfig, DeltaError, is_delta_folder
+from mergekit_ftt.delta.format import DeltaConfig, is_delta_folder
 from mergekit_ftt.delta.loader import open_delta
+from mergekit_ftt.errors import DeltaError
 from mergekit_ftt.preflight.checkpoints import StoredCheckpoint, StoredTensor
 from mergekit_ftt.preflight.recipe import model_entries
 

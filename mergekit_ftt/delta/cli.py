@@ -18,8 +18,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt import METHOD_NAME
-from mergekit_ftt.cli import FttError, Stages, entry_point, library_logs
+from mergekit_ftt.cli import Stages, entry_point, library_logs
+from mergekit_ftt.errors import FttError
+from mergekit_ftt.recipe_file import read_recipe, require_transfer
 
 PROG = "ftt-delta"
 DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -102,18 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def recipe_sources(recipe: Path) -> tuple[str, str]:
     """(source_finetuned, source_base) of a finetuning_transfer recipe."""
-    import yaml
+    config = read_recipe(recipe)
+    from mergekit_ftt.preflight.recipe import model_entries
 
-    try:
-        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise FttError(f"cannot read recipe {recipe}: {error}") from None
-    if not isinstance(data, dict) or data.get("merge_method") != METHOD_NAME:
-        raise FttError(f"{recipe} is not a `merge_method: {METHOD_NAME}` recipe.")
+    require_transfer(
+        config,
+        recipe,
+        "ftt-delta extract takes the fine-tuned model and its base from a transfer recipe",
+    )
     roles: dict[str, list[str]] = {}
-    for entry in data.get("models") or []:
-        role = (entry.get("parameters") or {}).get("role")
-        roles.setdefault(role, []).append(str(entry.get("model")))
+    for model, parameters in model_entries(config):
+        roles.setdefault((parameters or {}).get("role"), []).append(str(model))
     finetuned, bases = roles.get("source_finetuned", []), roles.get("source_base", [])
     if len(finetuned) != 1 or len(bases) != 1:
         raise FttError(

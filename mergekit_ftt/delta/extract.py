@@ -36,7 +36,6 @@ from mergekit_ftt.delta.format import (
     SHARD_PREFIX,
     Component,
     DeltaConfig,
-    DeltaError,
     Encoding,
     FileInfo,
     SourceModel,
@@ -46,6 +45,7 @@ from mergekit_ftt.delta.format import (
     file_sha256,
     is_delta_folder,
 )
+from mergekit_ftt.errors import DeltaError
 
 GB = 1000**3
 TOKENIZER_FILES = (

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import DeltaError
+from mergekit_ftt.modules import module_path
 
 if TYPE_CHECKING:
     import torch
@@ -78,10 +80,6 @@ SAFETENSORS_DTYPES = {
     "I32": "int32",
     "I64": "int64",
 }
-
-
-class DeltaError(FttError):
-    """A delta folder that cannot be read or applied; the message names the fix."""
 
 
 class _Strict(BaseModel):
@@ -173,6 +171,20 @@ class DeltaConfig(_Strict):
     vocabulary: Vocabulary
     tensors: dict[str, TensorInfo]
     files: dict[str, FileInfo]
+
+    def module_errors(self) -> list[tuple[str, int, float]]:
+        """(module path, tensors, ‖decoded − Δ‖ / ‖Δ‖ over those tensors), in first-seen
+        order; the module path is the tensor name with its layer index as ``*``."""
+        sums: dict[str, list[float]] = {}
+        for name, info in self.tensors.items():
+            entry = sums.setdefault(module_path(name), [0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += info.error**2
+            entry[2] += info.norm**2
+        return [
+            (module, int(count), math.sqrt(error) / math.sqrt(norm) if norm else 0.0)
+            for module, (count, error, norm) in sums.items()
+        ]
 
     @property
     def stored_bytes(self) -> int:
@@ -306,13 +318,6 @@ class DeltaFolder:
         with self._lock:
             handle = self._file(entry.file)
             return handle.get_tensor(name + suffix)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """Decoded Δ of ``name`` in the stored dtype; exact corrections not applied
-        (see :meth:`corrections`), full rows in place."""
-        from mergekit_ftt.delta.encode import decode
-
-        return decode(self, name)
 
     def corrections(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Where :meth:`tensor` is rounded: ``(flat indices int64, exact values)`` lists

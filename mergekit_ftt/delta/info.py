@@ -7,21 +7,7 @@ from pathlib import Path
 
 from mergekit_ftt.card import format_bytes
 from mergekit_ftt.delta.format import DeltaConfig, DeltaFolder
-from mergekit_ftt.modules import module_kind, module_path
-
-
-def summary_rows(delta: DeltaConfig) -> list[tuple[str, int, float]]:
-    """(module, tensors, ‖decoded − Δ‖ / ‖Δ‖ over those tensors), in first-seen order."""
-    sums: dict[str, list[float]] = {}
-    for name, info in delta.tensors.items():
-        entry = sums.setdefault(module_path(name), [0, 0.0, 0.0])
-        entry[0] += 1
-        entry[1] += info.error**2
-        entry[2] += info.norm**2
-    return [
-        (module, int(count), math.sqrt(error) / math.sqrt(norm) if norm else 0.0)
-        for module, (count, error, norm) in sums.items()
-    ]
+from mergekit_ftt.modules import module_kind
 
 
 def describe(delta: DeltaConfig, path: str | Path) -> dict:
@@ -57,7 +43,7 @@ def describe(delta: DeltaConfig, path: str | Path) -> dict:
                 "tensors": count,
                 "relative_error": error,
             }
-            for module, count, error in summary_rows(delta)
+            for module, count, error in delta.module_errors()
         ],
         "per_tensor": {
             name: {

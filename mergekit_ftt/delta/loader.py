@@ -27,6 +27,7 @@ from types import ModuleType
 
 import torch
 
+from mergekit_ftt.delta.encode import decode
 from mergekit_ftt.delta.format import DeltaFolder, is_delta_folder
 
 _OPEN: dict[str, DeltaFolder] = {}
@@ -84,7 +85,7 @@ class DeltaTensorLoader:
             if raise_on_missing:
                 raise KeyError(key)
             return None
-        return self.folder.tensor(key).to(device)
+        return decode(self.folder, key).to(device)
 
     def flush(self) -> None:
         self.folder.close()

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
 
-from mergekit_ftt.cli import FttError, Stages, entry_point, library_logs
+from mergekit_ftt.cli import Stages, entry_point, library_logs
 from mergekit_ftt.demo import pipeline
 from mergekit_ftt.demo.config import DemoConfig, load_config
 from mergekit_ftt.demo.pipeline import FT_A, FT_B, M_A, M_B, TRANSFER, Layout
+from mergekit_ftt.errors import FttError
 
 RUN_FILE = "demo.json"
 LOG_FILE = "ftt-demo.log"

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_ftt.cli import FttError, Stages, library_logs
+from mergekit_ftt.cli import Stages, library_logs
 from mergekit_ftt.demo import corpus, pipeline
 from mergekit_ftt.demo.config import DemoConfig, load_config
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.inspect import calibration
 from mergekit_ftt.sources import is_finished_model
 
@@ -50,7 +51,6 @@ CHECKPOINTS = {
     "full": ((1, 0.5), (1, 0.75), (1, 1.0), (2, 0.5), (2, 1.0)),
     "quick": ((1, 1.0), (2, 0.5), (2, 1.0)),
 }
-DEFAULT_SEEDS = 3
 SETTINGS_FILE = "settings.json"
 STAGES = Stages("ftt-demo")
 

@@ -25,7 +25,6 @@ from mergekit_ftt.demo.pretrain import pretrain
 from mergekit_ftt.sources import is_finished_model
 
 M_A, M_B, FT_A, FT_B, TRANSFER = "M_a", "M_b", "FT(M_a)", "FT(M_b)", "M_b + Δ_a"
-EVAL_TASK = "ftt_demo_sums"
 EVAL_SUITE = "ftt-demo"
 
 

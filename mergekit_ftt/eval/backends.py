@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 from typing import Any, get_args
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import Backend, BackendOptions
 
 BACKENDS: tuple[Backend, ...] = get_args(Backend)

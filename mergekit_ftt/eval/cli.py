@@ -15,7 +15,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mergekit_ftt.cli import FttError, add_options, entry_point, options_from
+from mergekit_ftt.cli import add_options, entry_point, options_from
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import BackendOptions, RunOptions
 from mergekit_ftt.eval.suites import shipped_suites
 

@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import BackendOptions
 from mergekit_ftt.eval.runner import ModelSpec
 from mergekit_ftt.eval.suites import Suite, load_suite

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.runner import RUN_FILE
 from mergekit_ftt.eval.suites import Column
 

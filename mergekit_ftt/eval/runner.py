@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval import backends
 from mergekit_ftt.eval.options import BackendOptions
 from mergekit_ftt.eval.suites import SUITES_DIR, Column, Suite, adhoc_suite, load_suite

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.package_data import data_folder
 
 # The top-level eval/ folder: suites, the OLMES-equivalent task YAMLs and their sources.

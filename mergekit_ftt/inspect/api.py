@@ -9,9 +9,10 @@ from mergekit.options import MergeOptions
 
 from mergekit_ftt.inspect import compatibility
 from mergekit_ftt.inspect.checkpoint import Checkpoint
-from mergekit_ftt.inspect.recipe import load_recipe, read_config
+from mergekit_ftt.inspect.recipe import load_recipe
 from mergekit_ftt.inspect.statistics import aggregate, stream_statistics
 from mergekit_ftt.inspect.verdict import judge
+from mergekit_ftt.recipe_file import read_recipe
 
 FORMAT = "ftt-inspect/1"
 
@@ -20,19 +21,21 @@ def inspect_recipe(
     recipe: str | Path | MergeConfiguration,
     options: MergeOptions | None = None,
     progress: bool = True,
+    path: str | Path | None = None,
 ) -> dict:
     """Check a ``finetuning_transfer`` recipe and measure its delta against its target.
 
-    ``recipe`` is a recipe file (what ``mergekit-yaml`` takes) or a parsed configuration.
-    Raises :class:`mergekit_ftt.cli.FttError` with the merge's own preflight message if the
+    ``recipe`` is a recipe file (what ``mergekit-yaml`` takes) or a parsed configuration
+    (``path``: the file it came from, for messages). Raises
+    :class:`mergekit_ftt.errors.FttError` with the merge's own preflight message if the
     merge could not run. The result is the JSON document ``ftt-inspect --json`` writes
     (keys: docs/inspect.md).
     """
     options = options or MergeOptions()
-    path = None
     if not isinstance(recipe, MergeConfiguration):
-        path = str(recipe)
-        recipe = read_config(recipe)
+        path = recipe
+        recipe = read_recipe(recipe)
+    path = None if path is None else str(path)
     loaded = load_recipe(recipe, options, path)
     labelled = compatibility.roles(loaded)
     checkpoints = {

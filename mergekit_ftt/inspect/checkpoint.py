@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from safetensors import safe_open
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.inspect.recipe import TensorSource
 from mergekit_ftt.precision import dtype_name
 from mergekit_ftt.preflight import StoredCheckpoint

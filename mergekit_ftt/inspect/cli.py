@@ -13,7 +13,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.cli import FttError, entry_point, library_logs
+from mergekit_ftt.cli import entry_point, library_logs
+from mergekit_ftt.errors import FttError
+from mergekit_ftt.recipe_file import read_recipe
 
 PROG = "ftt-inspect"
 
@@ -58,6 +60,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise FttError(f"--plot {args.plot}: the plot is a PNG; give a file name ending in .png")
 
+    recipe = read_recipe(args.recipe)  # a wrong file is named before mergekit loads
+
     from mergekit.options import MergeOptions
 
     from mergekit_ftt.inspect.api import inspect_recipe
@@ -67,7 +71,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         transformers_cache=args.transformers_cache, trust_remote_code=args.trust_remote_code
     )
     with library_logs(args.log_file or os.devnull, args.verbose):
-        report = inspect_recipe(args.recipe, options, progress=not args.no_progress)
+        report = inspect_recipe(recipe, options, progress=not args.no_progress, path=args.recipe)
     print(format_report(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

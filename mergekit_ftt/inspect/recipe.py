@@ -10,17 +10,15 @@ included), come from mergekit's :class:`MergePlanner`: the plan is built, never 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_ftt import METHOD_NAME
-from mergekit_ftt.cli import FttError
-from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.preflight import TransferInputs, check_inputs
+from mergekit_ftt.recipe_file import require_transfer
 
 ROLES_NEEDED = (
     "base_model: the target M_t that receives the delta; one model with "
@@ -62,29 +60,15 @@ class Recipe:
         return self.inputs.config
 
 
-def read_config(path: str | Path) -> MergeConfiguration:
-    """Parse a recipe file as ``mergekit-yaml`` does; errors name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FttError(f"no recipe file {path}; give the YAML file mergekit-yaml would take")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return MergeConfiguration.model_validate(data)
-    except (yaml.YAMLError, ValueError, RuntimeError) as error:
-        raise FttError(f"{path} is not a mergekit recipe: {error}") from error
-
-
 def load_recipe(config: MergeConfiguration, options: MergeOptions, path: str | None) -> Recipe:
     """Check the recipe with the merge's preflight and plan its tensors."""
-    if config.merge_method != METHOD_NAME:
-        raise FttError(
-            f"{path or 'the recipe'} uses merge_method {config.merge_method!r}; ftt-inspect "
-            f"reads {METHOD_NAME} recipes, which name the roles of a transfer: {ROLES_NEEDED}."
-        )
-    try:
-        inputs = check_inputs(config, options)
-    except FinetuningTransferError as error:
-        raise FttError(error.message) from error
+    require_transfer(
+        config,
+        path,
+        f"ftt-inspect reads {METHOD_NAME} recipes, which name the roles of a transfer: "
+        f"{ROLES_NEEDED}",
+    )
+    inputs = check_inputs(config, options)
     if inputs.deltas:
         raise FttError(
             f"{path or 'the recipe'} applies a stored delta ({inputs.deltas[0]}); ftt-inspect "

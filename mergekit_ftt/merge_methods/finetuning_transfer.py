@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-import click
 import torch
 from mergekit.common import dtype_from_name
 from mergekit.merge_methods.base import (
@@ -40,6 +39,7 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
 from mergekit_ftt import METHOD_NAME, PAPER_URL
 from mergekit_ftt.delta.loader import StoredDelta, stored_delta
+from mergekit_ftt.errors import FinetuningTransferError
 
 # Elements per float64 work chunk on the CPU: the three scratch buffers (1 MiB each) stay
 # in the cache through the ~10 passes over a chunk, and each pass is long enough that
@@ -60,14 +60,6 @@ class Role(str, Enum):
     source_base = "source_base"
     source_finetuned = "source_finetuned"
     delta = "delta"
-
-
-class FinetuningTransferError(click.ClickException, ValueError):
-    """A ``finetuning_transfer`` configuration that cannot be merged.
-
-    mergekit's commands are click commands: a ``ClickException`` reaches the user as
-    ``Error: <message>`` with exit status 1 instead of a traceback.
-    """
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from mergekit_ftt.delta.checks import (
     delta_checkpoint,
     refuse_in_other_methods,
 )
-from mergekit_ftt.delta.format import DeltaError
-from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError, split_roles
+from mergekit_ftt.errors import FinetuningTransferError
+from mergekit_ftt.merge_methods.finetuning_transfer import split_roles
 from mergekit_ftt.precision import plan_precision
 from mergekit_ftt.preflight.checkpoints import (
     MAX_LISTED,
@@ -70,7 +70,7 @@ def check_merge(
     Other merge methods pass through unchanged.
     """
     if config.merge_method != METHOD_NAME:
-        _as_merge_error(refuse_in_other_methods, referenced_models(config))
+        refuse_in_other_methods(referenced_models(config))
         return config
     check_output_path(out_path)
     inputs = check_inputs(config, options)
@@ -105,12 +105,12 @@ def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferI
         )
     roles = configured_roles(config, target)
     inputs = split_roles(roles)
-    _as_merge_error(check_delta_roles, config, target, roles)
+    check_delta_roles(config, target, roles)
     check_parameter_keys(config)
     check_lora_cache(config, options)
     for reference in referenced_models(config):
         locate(reference)
-    _as_merge_error(check_delta_inputs, config, target, roles, options)
+    check_delta_inputs(config, target, roles, options)
     models = [target, *filter(None, [inputs.source_base]), *inputs.deltas]
     configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
     _check_architectures(configs)
@@ -128,14 +128,6 @@ def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferI
         plan.config,
         plan.message,
     )
-
-
-def _as_merge_error(check, *args) -> None:
-    """Run a delta check; its :class:`DeltaError` reaches the user as mergekit's ``Error:``."""
-    try:
-        check(*args)
-    except DeltaError as error:
-        raise FinetuningTransferError(str(error)) from None
 
 
 def check_output_path(out_path: str) -> None:

@@ -18,7 +18,7 @@ from mergekit.options import MergeOptions
 from safetensors import SafetensorError, safe_open
 
 from mergekit_ftt import METHOD_NAME
-from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.errors import FinetuningTransferError
 
 MAX_LISTED = 5
 

@@ -13,7 +13,7 @@ from mergekit.config import MergeConfiguration
 from pydantic import BaseModel
 
 from mergekit_ftt import hub
-from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.errors import FinetuningTransferError
 from mergekit_ftt.preflight.checkpoints import WEIGHT_FILES
 from mergekit_ftt.preflight.recipe import referenced_models
 

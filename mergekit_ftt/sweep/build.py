@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.modules import module_kind
 from mergekit_ftt.sweep.grid import ALL, Variant
 
@@ -56,16 +56,12 @@ def runnable(recipe: MergeConfiguration, options: MergeOptions) -> tuple[MergeCo
     input, round once to the recipe's). The same call here keeps in-memory variants equal
     to written ones. Its note (printed by the hook) is returned instead, to be shown once.
     """
-    from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
     from mergekit_ftt.preflight import check_merge
 
     note = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(note):
-            # os.devnull: no output folder to check, only the merge itself.
-            config = check_merge(recipe.model_copy(deep=True), os.devnull, options)
-    except FinetuningTransferError as error:
-        raise FttError(error.message) from error
+    with contextlib.redirect_stderr(note):
+        # os.devnull: no output folder to check, only the merge itself.
+        config = check_merge(recipe.model_copy(deep=True), os.devnull, options)
     return config, note.getvalue().strip()
 
 

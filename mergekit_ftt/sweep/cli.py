@@ -24,7 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.cli import FttError, Stages, add_options, entry_point, library_logs, options_from
+from mergekit_ftt.cli import Stages, add_options, entry_point, library_logs, options_from
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import BackendOptions, RunOptions
 from mergekit_ftt.eval.suites import shipped_suites
 from mergekit_ftt.sweep.grid import (

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from mergekit_ftt import METHOD_NAME
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.modules import KINDS, kind_component, kind_description, module_kind
+from mergekit_ftt.recipe_file import read_recipe, require_transfer
 
 if TYPE_CHECKING:
     from mergekit.config import MergeConfiguration
@@ -113,22 +112,13 @@ def module_filters(tensor_names: Sequence[str], kind: str) -> tuple[str, ...]:
 
 def load_recipe(path: Path) -> MergeConfiguration:
     """Read and check a recipe: a ``finetuning_transfer`` merge with a ``models:`` list."""
-    from mergekit.config import MergeConfiguration
-    from pydantic import ValidationError
-
-    if not path.is_file():
-        raise FttError(f"no recipe file {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config = MergeConfiguration.model_validate(raw)
-    except (yaml.YAMLError, ValidationError, RuntimeError) as error:
-        raise FttError(f"{path} is not a mergekit recipe: {error}") from error
-    if config.merge_method != METHOD_NAME:
-        raise FttError(
-            f"{path} uses merge_method {config.merge_method!r}; ftt-sweep scales the delta "
-            f"weights of a {METHOD_NAME} recipe (roles {', '.join(SCALED_ROLES)}). Write the "
-            f"transfer as `merge_method: {METHOD_NAME}`."
-        )
+    config = read_recipe(path)
+    require_transfer(
+        config,
+        path,
+        f"ftt-sweep scales the delta weights of a {METHOD_NAME} recipe (roles "
+        f"{', '.join(SCALED_ROLES)})",
+    )
     if not config.models:
         raise FttError(
             f"{path} lists its inputs under slices:/modules:; ftt-sweep needs the `models:` "

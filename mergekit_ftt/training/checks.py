@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.sources import is_finished_model
 
 if TYPE_CHECKING:
     from trl import ModelConfig, SFTConfig
 
-    from mergekit_ftt.training.sft import FttScriptArguments
+    from mergekit_ftt.training.config import FttScriptArguments
 
 log = logging.getLogger(__name__)
 

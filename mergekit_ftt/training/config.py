@@ -14,14 +14,14 @@ import argparse
 import difflib
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from trl import DatasetMixtureConfig, TrlParser
+from trl import DatasetMixtureConfig, ScriptArguments, TrlParser
 from trl.scripts.utils import DatasetConfig
 
-from mergekit_ftt.cli import FttError
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.package_data import find_data_file, shipped_names, with_includes
 
 # Keys people carry over from Open-Instruct or transformers 4.x, with what to write instead.
@@ -104,3 +104,44 @@ def _describe_unknown_key(key: str, known: set[str]) -> str:
         return f"{key!r}: {RENAMED_KEYS[key]}"
     close = difflib.get_close_matches(key, known, n=1)
     return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+@dataclass
+class FttScriptArguments(ScriptArguments):
+    """What the paper's Open-Instruct runs set that TRL's script does not."""
+
+    chat_template: str = field(
+        default="auto",
+        metadata={
+            "help": "`tulu`: always use the Tülu template; `auto`: the tokenizer's own "
+            "template if it has one, else Tülu.",
+            "choices": ["auto", "tulu"],
+        },
+    )
+    add_bos: bool = field(
+        default=True,
+        metadata={"help": "Start the Tülu template with the BOS token (Open-Instruct --add_bos)."},
+    )
+    loss_reduction: str = field(
+        default="sum",
+        metadata={
+            "help": "`sum`: Open-Instruct's reduce_loss=sum (summed token losses, divided "
+            "by the accumulation steps); `mean`: TRL's mean over the batch's tokens.",
+            "choices": ["sum", "mean"],
+        },
+    )
+    total_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences per optimizer step over all processes; sets "
+            "gradient_accumulation_steps = total / (per_device_train_batch_size × processes)."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the last checkpoint-* in output_dir, if there is one."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into an output_dir that holds a model or checkpoints."},
+    )

@@ -20,7 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.cli import FttError, entry_point
+from mergekit_ftt.cli import entry_point
+from mergekit_ftt.errors import FttError
 
 REPO_ID = "allenai/OLMo-2-1124-7B"
 

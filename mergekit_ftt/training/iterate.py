@@ -26,7 +26,8 @@ from typing import IO
 
 import yaml
 
-from mergekit_ftt.cli import FttError, Stages, entry_point
+from mergekit_ftt.cli import Stages, entry_point
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.package_data import find_data_file
 from mergekit_ftt.sources import is_finished_model
 

@@ -14,60 +14,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trl import ModelConfig, ScriptArguments, SFTConfig
+from trl import ModelConfig, SFTConfig
 
-from mergekit_ftt.cli import FttError, entry_point
+from mergekit_ftt.cli import entry_point
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.sources import dataset_error, require_model, work_offline_if_hub_unreachable
 from mergekit_ftt.training.checks import prepare_output_dir, resolve_attn_implementation, validate
-from mergekit_ftt.training.config import DatasetMixture, FttParser
+from mergekit_ftt.training.config import DatasetMixture, FttParser, FttScriptArguments
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
-
-
-@dataclass
-class FttScriptArguments(ScriptArguments):
-    """What the paper's Open-Instruct runs set that TRL's script does not."""
-
-    chat_template: str = field(
-        default="auto",
-        metadata={
-            "help": "`tulu`: always use the Tülu template; `auto`: the tokenizer's own "
-            "template if it has one, else Tülu.",
-            "choices": ["auto", "tulu"],
-        },
-    )
-    add_bos: bool = field(
-        default=True,
-        metadata={"help": "Start the Tülu template with the BOS token (Open-Instruct --add_bos)."},
-    )
-    loss_reduction: str = field(
-        default="sum",
-        metadata={
-            "help": "`sum`: Open-Instruct's reduce_loss=sum (summed token losses, divided "
-            "by the accumulation steps); `mean`: TRL's mean over the batch's tokens.",
-            "choices": ["sum", "mean"],
-        },
-    )
-    total_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Sequences per optimizer step over all processes; sets "
-            "gradient_accumulation_steps = total / (per_device_train_batch_size × processes)."
-        },
-    )
-    resume: bool = field(
-        default=False,
-        metadata={"help": "Continue from the last checkpoint-* in output_dir, if there is one."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow training into an output_dir that holds a model or checkpoints."},
-    )
 
 
 def make_parser() -> FttParser:
