@@ -40,12 +40,13 @@ started = time.perf_counter()
 spent = {}
 import mergekit_ftt.hook  # imported by the .pth hook already
 
-registration = mergekit_ftt.hook.register
+import mergekit_ftt.mergekit_adapter
+registration = mergekit_ftt.mergekit_adapter.register
 def timed_registration():
     start = time.perf_counter()
     registration()
     spent["plugin: method registration"] = time.perf_counter() - start
-mergekit_ftt.hook.register = timed_registration
+mergekit_ftt.mergekit_adapter.register = timed_registration
 import mergekit.scripts.run_yaml as run_yaml  # mergekit, transformers, torch; the plugin registers
 imported = time.perf_counter()
 import mergekit.merge, mergekit.plan, mergekit.graph, mergekit_ftt.outputs, mergekit_ftt.preflight
@@ -76,7 +77,7 @@ def timed_iteration(owner, name, label):
     setattr(owner, name, wrapper)
 
 timed(mergekit_ftt.preflight, "check_merge", "plugin: preflight")
-timed(mergekit_ftt.outputs, "copy_generation_config", "plugin: generation config")
+timed(mergekit_ftt.outputs, "finish_output", "plugin: card and generation config")
 timed(mergekit.merge, "get_architecture_info", "mergekit: setup")
 timed(mergekit.merge.LoaderCache, "setup", "mergekit: setup")
 timed(mergekit.plan.MergePlanner, "plan_to_disk", "mergekit: setup")

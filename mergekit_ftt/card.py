@@ -238,11 +238,14 @@ def _source_text(source) -> str:
     return ", ".join(parts)
 
 
-def write_transfer_card(config: MergeConfiguration, out_path: str | Path) -> None:
-    """Replace mergekit's README.md in ``out_path`` with the transfer card (if it wrote one)."""
+def write_transfer_card(
+    config: MergeConfiguration, out_path: str | Path, name: str | None = None
+) -> None:
+    """Replace mergekit's README.md in ``out_path`` with the transfer card (if it wrote one);
+    ``name`` is the model's name in the card (default: the folder's)."""
     out = Path(out_path)
     readme, recipe = out / "README.md", out / "mergekit_config.yml"
     if config.merge_method != METHOD_NAME or not readme.exists():
         return
     config_yaml = recipe.read_text(encoding="utf-8") if recipe.exists() else config.to_yaml()
-    readme.write_text(transfer_card(config, config_yaml, out.name), encoding="utf-8")
+    readme.write_text(transfer_card(config, config_yaml, name or out.name), encoding="utf-8")

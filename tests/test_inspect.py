@@ -308,6 +308,7 @@ def test_a_recipe_for_another_method_names_the_roles(family, tmp_path):
     assert "role: source_base" in str(error.value) and "role: source_finetuned" in str(error.value)
 
 
+@pytest.mark.slow
 def test_preflight_errors_are_the_merges_own(family, tmp_path):
     """The same bad recipe through ftt-inspect and mergekit-yaml: the same message."""
     finetuned = {"model": str(family["ft"]), "parameters": {"role": "source_finetuned"}}

@@ -140,7 +140,11 @@ def test_relative_local_folders_offline(llama, tmp_path):
     assert all(torch.equal(merged[name], tensor) for name, tensor in expected.items())
 
 
-@pytest.mark.parametrize("lazy_unpickle", [False, True], ids=["torch.load", "lazy-unpickle"])
+@pytest.mark.parametrize(
+    "lazy_unpickle",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["torch.load", "lazy-unpickle"],
+)
 def test_pickled_bin_finetune(lazy_unpickle, llama, tmp_path):
     """A .bin-only checkpoint is merged as mergekit reads it, exactly; the note says how."""
     target, base = llama.model("target", 1), llama.model("source_base", 2)

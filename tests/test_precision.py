@@ -160,6 +160,7 @@ def test_float32_merge_with_bf16_out_dtype_rounds_once(llama, float32_pair, tmp_
     assert "Merging at" not in result.stderr  # nothing was wider: nothing to say
 
 
+@pytest.mark.slow
 def test_bf16_finetune_on_fp16_target_is_exact(llama, tmp_path):
     fp16_target = perturbed_copy(llama.model("target", 1), tmp_path / "t16", torch.float16, 0, 0)
     source_base = llama.model("source_base", 2)

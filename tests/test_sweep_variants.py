@@ -147,7 +147,7 @@ def test_recipe_errors(tmp_path):
         grid.load_recipe(tmp_path / "missing.yml")
     broken = tmp_path / "broken.yml"
     broken.write_text("merge_method: [\n")
-    with pytest.raises(FttError, match="is not a mergekit recipe"):
+    with pytest.raises(FttError, match="is not valid YAML"):
         grid.load_recipe(broken)
 
 
@@ -341,3 +341,15 @@ def test_in_memory_model_is_what_from_pretrained_loads(case, recipes, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(written)
     assert model.tokenizer.get_vocab() == tokenizer.get_vocab()
     assert model.tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_the_preflight_checks_a_sweep_once(recipes):
+    """Variants differ only in weights: the preflight (which reads every checkpoint's
+    headers) runs for the recipe once, and each variant reuses its result."""
+    build._CHECKED.clear()
+    variants, _ = variants_of(recipes["two_deltas"], [0.0, 0.5, 1.0], ["mlp"])
+    options = build.merge_options()
+    plans = [build.plan(variant.recipe, options) for variant in variants]
+    assert len(build._CHECKED) == 1
+    weights = [build.planned_weights(plan) for plan in plans]
+    assert weights[0] != weights[1]  # each variant still gets its own weights

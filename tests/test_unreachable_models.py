@@ -231,6 +231,7 @@ def test_paper_recipe_without_network(tmp_path):
     assert "`hf download meta-llama/Meta-Llama-3-8B --local-dir models/Meta-Llama-3-8B`" in line
 
 
+@pytest.mark.slow
 def test_paper_recipe_with_hf_hub_offline(tmp_path):
     line = refused_by_mergekit_yaml(RECIPES / "llama3_plus_delta31.yml", tmp_path, OFFLINE_ENV)
     assert line.startswith("Error: meta-llama/Meta-Llama-3-8B is not a folder here")

@@ -4,7 +4,7 @@ mergekit reads every input through ``ModelReference.lazy_loader()`` (a
 ``LazyTensorLoader``: an ``index.tensor_paths`` mapping and ``get_tensor``). A compressed
 delta has no tensor of the model's shape on disk (a sign matrix is 1 bit per element,
 a sparse one a mask and values), and mergekit requires every input of a merge to have the
-target's shape before the method sees it, so the start-up hook (:mod:`mergekit_ftt.hook`)
+target's shape before the method sees it, so the adapter (:mod:`mergekit_ftt.mergekit_adapter`)
 wraps ``lazy_loader``: for a folder with ``delta_config.json`` it returns
 :class:`DeltaTensorLoader`, which decodes each tensor when mergekit asks for it — one
 tensor at a time, like the safetensors loader it stands in for. Every other model is
@@ -17,13 +17,11 @@ rounded, and which vocabulary rows hold the fine-tuned model's own values.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 
@@ -91,24 +89,14 @@ class DeltaTensorLoader:
         self.folder.close()
 
 
-def install(common: ModuleType) -> None:
-    """Wrap ``mergekit.common.ModelReference.lazy_loader`` (idempotent)."""
-    reference_class = common.ModelReference
-    original = reference_class.lazy_loader
-    if getattr(original, "_ftt_delta", False):
-        return
-
-    @functools.wraps(original)
-    def lazy_loader(self, cache_dir=None, lazy_unpickle=True):
-        path = self.local_path(cache_dir)
-        if is_delta_folder(path):
-            folder = open_delta(path)
-            _BY_MODEL[self] = folder
-            return DeltaTensorLoader(folder)
-        return original(self, cache_dir=cache_dir, lazy_unpickle=lazy_unpickle)
-
-    lazy_loader._ftt_delta = True
-    reference_class.lazy_loader = lazy_loader
+def delta_loader(model: Hashable, path: str) -> DeltaTensorLoader | None:
+    """The loader of input ``model`` if its folder ``path`` is a delta folder, else None
+    (what :mod:`mergekit_ftt.mergekit_adapter` asks ``ModelReference.lazy_loader``)."""
+    if not is_delta_folder(path):
+        return None
+    folder = open_delta(path)
+    _BY_MODEL[model] = folder
+    return DeltaTensorLoader(folder)
 
 
 @dataclass(frozen=True)

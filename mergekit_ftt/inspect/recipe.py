@@ -82,27 +82,13 @@ def plan_tensors(
     config: MergeConfiguration, options: MergeOptions, inputs: TransferInputs
 ) -> list[PlannedTensor]:
     """mergekit's plan of the merge, read for its tensors and per-tensor parameters."""
-    from mergekit import merge_methods  # noqa: F401 - the start-up hook registers our method here
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache, SaveTensor
-    from mergekit.merge import _model_out_config
-    from mergekit.plan import MergePlanner
     from mergekit.tokenizer.embed import PermutedVocabulary
 
-    from mergekit_ftt import hook
+    from mergekit_ftt.mergekit_adapter import plan_save_tasks
 
-    hook.install()  # a no-op when the .pth hook already registered the method
-    arch_info = get_architecture_info(config, options)
-    LoaderCache().setup(options)
-    out_config = _model_out_config(config, arch_info, options.trust_remote_code)
-    planner = MergePlanner(config.model_copy(deep=True), arch_info, options, out_config)
-    # plan_in_memory is broken in mergekit 0.1.5 (its ReturnTensor fails validation);
-    # plan_to_disk only builds tasks, and no task is executed, so nothing is written.
-    tasks = planner.plan_to_disk(out_path="unused-by-ftt-inspect")
+    tasks = plan_save_tasks(config, options)
     planned = []
     for task in tasks:
-        if not isinstance(task, SaveTensor):
-            continue
         merge = task.tensor_task
         gather = merge.gather_tensors
         aligned = isinstance(gather, PermutedVocabulary)

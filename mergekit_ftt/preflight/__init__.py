@@ -17,6 +17,7 @@ runs it at the top of mergekit's ``run_merge`` and merges the configuration it r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,19 +60,16 @@ __all__ = [
     "check_merge",
     "check_output_path",
     "read_checkpoint",
+    "referenced_models",
+    "refuse_in_other_methods",
 ]
 
 
 def check_merge(
     config: MergeConfiguration, out_path: str, options: MergeOptions
 ) -> MergeConfiguration:
-    """Return the configuration to merge, or raise :class:`FinetuningTransferError`.
-
-    Other merge methods pass through unchanged.
-    """
-    if config.merge_method != METHOD_NAME:
-        refuse_in_other_methods(referenced_models(config))
-        return config
+    """Return the configuration of a ``finetuning_transfer`` recipe to merge, or raise
+    :class:`FinetuningTransferError`."""
     check_output_path(out_path)
     inputs = check_inputs(config, options)
     if inputs.precision_note:
@@ -131,11 +129,26 @@ def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferI
 
 
 def check_output_path(out_path: str) -> None:
-    """Refuse to write into a folder that already holds a finished model."""
-    if (Path(out_path) / "config.json").exists():
+    """Refuse an output folder that holds anything: nothing a user had is overwritten.
+
+    A transfer is written into a staging folder beside it and moved into place when it is
+    complete (:class:`mergekit_ftt.outputs.StagedOutput`), so the output folder must not
+    exist yet, or be empty. ``os.devnull`` stands for "no output" (ftt-sweep's in-memory
+    variants).
+    """
+    out = Path(out_path)
+    if out_path == os.devnull or not out.exists():
+        return
+    if (out / "config.json").exists():
         raise FinetuningTransferError(
-            f"{out_path} already holds a model (config.json). mergekit would overwrite it "
-            "in place; choose a new output folder or delete this one first."
+            f"{out_path} already holds a model (config.json) that is not this recipe's "
+            "merge; choose a new output folder or delete this one first."
+        )
+    if not out.is_dir() or any(out.iterdir()):
+        raise FinetuningTransferError(
+            f"{out_path} exists and is not an empty folder; a transfer is written into a new "
+            "or empty folder, so that nothing there is overwritten. Choose another output "
+            "folder or empty this one."
         )
 
 

@@ -48,47 +48,58 @@ def merge_options(trust_remote_code: bool = False) -> MergeOptions:
     return MergeOptions(quiet=True, trust_remote_code=trust_remote_code)
 
 
+# Recipes checked by the preflight, by the recipe without its per-model weights and the
+# options: a sweep's variants differ only in weights, so the preflight (which reads every
+# checkpoint's headers) runs once per sweep, not once per variant.
+_CHECKED: dict[str, tuple[MergeConfiguration, str]] = {}
+
+
 def runnable(recipe: MergeConfiguration, options: MergeOptions) -> tuple[MergeConfiguration, str]:
     """The configuration ``mergekit-yaml`` runs for ``recipe``, and the preflight's note.
 
     This package's ``run_merge`` hook checks every merge with the preflight, which may also
     change its precision (:mod:`mergekit_ftt.precision`: merge at a dtype that holds every
-    input, round once to the recipe's). The same call here keeps in-memory variants equal
+    input, round once to the recipe's). The same check here keeps in-memory variants equal
     to written ones. Its note (printed by the hook) is returned instead, to be shown once.
+    The preflight changes only merge-wide settings and model paths, never a model's
+    parameters, so a variant's configuration is the checked recipe with its own weights.
     """
     from mergekit_ftt.preflight import check_merge
 
-    note = io.StringIO()
-    with contextlib.redirect_stderr(note):
-        # os.devnull: no output folder to check, only the merge itself.
-        config = check_merge(recipe.model_copy(deep=True), os.devnull, options)
-    return config, note.getvalue().strip()
+    key = _without_weights(recipe) + options.model_dump_json()
+    if key not in _CHECKED:
+        note = io.StringIO()
+        with contextlib.redirect_stderr(note):
+            # os.devnull: no output folder to check, only the merge itself.
+            config = check_merge(recipe.model_copy(deep=True), os.devnull, options)
+        _CHECKED[key] = config, note.getvalue().strip()
+    checked, note = _CHECKED[key]
+    models = [
+        checked_model.model_copy(update={"parameters": model.parameters})
+        for checked_model, model in zip(checked.models or [], recipe.models or [], strict=True)
+    ]
+    return checked.model_copy(update={"models": models or checked.models}), note
+
+
+def _without_weights(recipe: MergeConfiguration) -> str:
+    models = [
+        model.model_copy(
+            update={
+                "parameters": {k: v for k, v in (model.parameters or {}).items() if k != "weight"}
+            }
+        )
+        for model in recipe.models or []
+    ]
+    return recipe.model_copy(update={"models": models or recipe.models}).to_yaml()
 
 
 def plan(recipe: MergeConfiguration, options: MergeOptions) -> list[SaveTensor]:
     """mergekit's plan of ``recipe`` as ``mergekit-yaml`` runs it (see :func:`runnable`):
-    one ``SaveTensor`` per output tensor (the writer task they name is never run here).
+    one ``SaveTensor`` per output tensor (the writer task they name is never run here)."""
+    from mergekit_ftt.mergekit_adapter import plan_save_tasks
 
-    mergekit 0.1.5's ``plan_in_memory`` cannot be used: its ``ReturnTensor`` validates the
-    merge task as a ``Task[Tensor]`` and fails on ``ExecuteMergeMethodTask``, a
-    ``Task[Optional[Tensor]]`` ("Can't instantiate abstract class Task[Tensor]"). The
-    planner rewrites the configuration it is given (``models`` into ``modules``); it gets
-    its own copy.
-    """
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache, SaveTensor
-    from mergekit.merge import _model_out_config
-    from mergekit.plan import MergePlanner
-
-    from mergekit_ftt import hook
-
-    hook.install()  # finetuning_transfer registered, run_merge checked, in any interpreter
-    LoaderCache().setup(options=options)
     config, _ = runnable(recipe, options)
-    arch_info = get_architecture_info(config, options)
-    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
-    planner = MergePlanner(config, arch_info, options, out_config)
-    return [task for task in planner.plan_to_disk(out_path="") if isinstance(task, SaveTensor)]
+    return plan_save_tasks(config, options)
 
 
 def planned_weights(tasks: Iterable[SaveTensor]) -> dict[tuple[str, str], float]:
@@ -219,56 +230,22 @@ def merged_tensors(
 
 
 def write_model_files(recipe: MergeConfiguration, folder: Path, options: MergeOptions) -> None:
-    """What ``mergekit-yaml`` writes for ``recipe`` besides the weights and the model card:
-    the output config (layer count, vocabulary size, dtype), the tokenizer, tag-along
-    files and the generation config, through the same mergekit functions ``run_merge``
-    calls, on the configuration it runs (:func:`runnable`)."""
-    from mergekit import merge
-    from mergekit.architecture import get_architecture_info
-    from mergekit.tokenizer import BuildTokenizer
-
-    from mergekit_ftt.outputs import copy_generation_config
+    """What ``mergekit-yaml`` writes for ``recipe`` besides the weights: the output config,
+    the tokenizer, tag-along files, the model card and the generation config, through the
+    same functions ``run_merge`` calls, on the configuration it runs (:func:`runnable`)."""
+    from mergekit_ftt.mergekit_adapter import write_side_files
+    from mergekit_ftt.outputs import finish_output
 
     recipe, _ = runnable(recipe, options)
-    folder.mkdir(parents=True, exist_ok=True)
-    arch_info = get_architecture_info(recipe, options)
-    out_config = merge._model_out_config(
-        recipe, arch_info, trust_remote_code=options.trust_remote_code
-    )
-    source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    if source is not None:  # as MergePlanner builds it, and run_merge saves it
-        tokens = (recipe.tokenizer.tokens if recipe.tokenizer else None) or {}
-        tokenizer = (
-            BuildTokenizer(
-                base_model=recipe.base_model,
-                referenced_models=tuple(recipe.referenced_models()),
-                tokenizer_source=source,
-                trust_remote_code=options.trust_remote_code,
-                add_tokens=tuple(tokens),
-            )
-            .execute()
-            .tokenizer
-        )
-        pad = recipe.tokenizer.pad_to_multiple_of if recipe.tokenizer else None
-        merge._update_config_vocab(out_config, arch_info, tokenizer, pad_to_multiple_of=pad)
-        out_config.save_pretrained(folder)
-        merge._set_chat_template(tokenizer, recipe)
-        tokenizer.save_pretrained(folder, safe_serialization=True)
-    else:
-        out_config.save_pretrained(folder)
-        if options.copy_tokenizer:
-            merge._copy_tokenizer(recipe, str(folder), options=options)
-    merge._copy_tagalong_files(
-        recipe, str(folder), files=arch_info.tagalong_files or [], options=options
-    )
-    copy_generation_config(recipe, str(folder), options)
+    write_side_files(recipe, folder, options)
+    finish_output(recipe, str(folder), options)
 
 
 def write_variant(variant: Variant, folder: Path, options: MergeOptions, recipe_text: str) -> None:
     """The variant written by mergekit's ``run_merge``, as ``mergekit-yaml`` writes it."""
-    from mergekit_ftt import hook
+    from mergekit_ftt.mergekit_adapter import extend_all
 
-    hook.install()
+    extend_all()  # run_merge checked and staged in interpreters without the .pth hook
     from mergekit.merge import run_merge
 
     run_merge(variant.recipe.model_copy(deep=True), str(folder), options, recipe_text)

@@ -1,0 +1,133 @@
+"""The mergekit adapter: what it changes in mergekit, what it leaves alone, how it undoes it,
+and outputs that exist only once complete."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import OFFLINE_ENV, load_weights, merge, run_cli, transfer_recipe
+
+from mergekit_ftt import mergekit_adapter
+
+
+def test_other_merge_methods_reach_run_merge_untouched(llama, tmp_path):
+    """A linear merge gets its own configuration and options objects: no preflight, no
+    transfer defaults, no staging folder."""
+    import inspect
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    original = run_merge._mergekit_ftt_original  # the hook wrapped it
+    received = {}
+
+    def run_merge_as_mergekit(merge_config, out_path, options, config_source=None):
+        received.update(config=merge_config, out=out_path, options=options)
+
+    run_merge_as_mergekit.__signature__ = inspect.signature(original)
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(llama.model("target", 1)), "parameters": {"weight": 0.5}},
+                {"model": str(llama.model("ft_a", 3)), "parameters": {"weight": 0.5}},
+            ],
+        }
+    )
+    options = MergeOptions()
+    bound = inspect.signature(original).bind(config, str(tmp_path / "out"), options)
+    mergekit_adapter._checked_run_merge(run_merge_as_mergekit, bound)
+    assert received["config"] is config and received["options"] is options
+    assert received["out"] == str(tmp_path / "out")
+    assert options == MergeOptions()  # the transfer's defaults were not applied
+
+
+def test_rollback_undoes_every_extension():
+    code = (
+        "import mergekit.merge, mergekit.common, mergekit.merge_methods as m\n"
+        "from mergekit_ftt import mergekit_adapter as a\n"
+        "a.extend_all()\n"
+        "names = lambda: [x.spec.name for x in m.registered_methods()]\n"
+        "patched = lambda: (hasattr(mergekit.merge.run_merge, a._MARK),"
+        " hasattr(mergekit.common.ModelReference.lazy_loader, a._MARK))\n"
+        "print('finetuning_transfer' in names(), patched())\n"
+        "a.rollback()\n"
+        "print('finetuning_transfer' in names(), patched())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=OFFLINE_ENV, capture_output=True, text=True
+    )
+    assert result.stdout.splitlines() == ["True (True, True)", "False (False, False)"], (
+        result.stderr
+    )
+
+
+@pytest.fixture
+def models(llama) -> tuple[Path, Path, Path]:
+    """(target, source_base, fine-tuned) tiny Llama checkpoints."""
+    return llama.model("target", 1), llama.model("source_base", 2), llama.model("ft_a", 3)
+
+
+def staging_of(out: Path) -> Path:
+    return out.with_name(f".{out.name}.incomplete")
+
+
+@pytest.mark.slow
+def test_a_killed_merge_leaves_nothing_that_looks_complete(models, tmp_path):
+    target, base, ft = models
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(transfer_recipe(target, [(ft, 0.5)], base)))
+    out = tmp_path / "out"
+    command = ["mergekit-yaml", str(recipe), str(out), "--out-shard-size", "2K"]
+    process = subprocess.Popen(
+        command, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not staging_of(out).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+    assert not out.exists()  # only the staging folder, hidden, was ever written to
+
+    rerun = run_cli(*command)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"removing {staging_of(out)}, left by an interrupted run" in rerun.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yml"]
+
+    (tmp_path / "b").mkdir()
+    straight, straight_out = merge(transfer_recipe(target, [(ft, 0.5)], base), tmp_path / "b")
+    assert straight.returncode == 0, straight.stderr
+    rerun_weights, straight_weights = load_weights(out), load_weights(straight_out)
+    assert rerun_weights.keys() == straight_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert torch.equal(rerun_weights[name], tensor), name
+
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.endswith(
+        f"mergekit-ftt: {out} is complete: it holds this recipe's finished merge (its "
+        "mergekit_config.yml matches); nothing to do. Delete the folder to merge again.\n"
+    )
+
+
+def test_an_output_folder_with_files_is_not_written_into(models, tmp_path):
+    target, base, ft = models
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result, _ = merge(transfer_recipe(target, [(ft, 1.0)], base), tmp_path)
+    assert result.returncode == 1
+    assert "exists and is not an empty folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert not staging_of(out).exists()
