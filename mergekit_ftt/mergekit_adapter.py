@@ -124,22 +124,26 @@ def _checked_run_merge(run_merge, bound):
         return run_merge(*bound.args, **bound.kwargs)
 
     from mergekit_ftt.merge_options import transfer_options
-    from mergekit_ftt.outputs import StagedOutput, finish_output
+    from mergekit_ftt.outputs import StagedOutput, finish_output, holds_finished_merge
 
     out_path = str(bound.arguments["out_path"])
     # What mergekit writes as mergekit_config.yml: the recipe as the user gave it.
     recipe_text = bound.arguments.get("config_source") or config.to_yaml()
     bound.arguments["config_source"] = recipe_text
-    output = StagedOutput(out_path, recipe_text)
-    if output.is_complete():
-        print(f"mergekit-ftt: {out_path} is complete: {output.why_complete}", file=sys.stderr)
+    if holds_finished_merge(out_path, recipe_text):
+        print(
+            f"mergekit-ftt: {out_path} is complete: it holds this recipe's finished merge "
+            "(its mergekit_config.yml matches); nothing to do. Delete the folder to merge "
+            "again.",
+            file=sys.stderr,
+        )
         return None
     options = bound.arguments["options"] = transfer_options(config, bound.arguments["options"])
     config = bound.arguments["merge_config"] = check_merge(config, out_path, options)
-    with output as staging:
+    with StagedOutput(out_path) as staging:
         bound.arguments["out_path"] = str(staging)
         result = run_merge(*bound.args, **bound.kwargs)
-        finish_output(config, str(staging), options, name=output.out.name)
+        finish_output(config, str(staging), options, name=Path(out_path).name)
     return result
 
 

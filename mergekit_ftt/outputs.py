@@ -41,31 +41,19 @@ def finish_output(
 class StagedOutput:
     """Write an output folder so that it exists only once it is complete.
 
-    The merge writes into ``.NAME.incomplete`` beside ``out_path``; on success the folder
-    is renamed to ``out_path`` (one ``rename`` on one file system). A run killed at any
-    point leaves only the staging folder, never something at ``out_path`` that looks like
-    a model; the next run of the same command removes it and starts again. A run that
-    finds ``out_path`` already holding this very recipe's merge reports it complete.
+    The work writes into ``.NAME.incomplete`` beside ``out_path`` (the context manager's
+    value); on success that folder is renamed to ``out_path`` (one ``rename`` on one file
+    system). A run killed at any point leaves only the hidden staging folder, never
+    something at ``out_path`` that looks finished; the next run of the same command
+    removes it and starts again. ``replace`` lets an existing ``out_path`` (one the caller
+    checked may go, e.g. ``ftt-delta extract --overwrite``) be replaced; otherwise only an
+    empty folder the user made is.
     """
 
-    def __init__(self, out_path: str | Path, recipe_text: str) -> None:
+    def __init__(self, out_path: str | Path, replace: bool = False) -> None:
         self.out = Path(out_path)
-        self.recipe_text = recipe_text
+        self.replace = replace
         self.staging = self.out.with_name(f".{self.out.name}.incomplete")
-        self.why_complete = ""
-
-    def is_complete(self) -> bool:
-        """Whether ``out_path`` holds the finished merge of this same recipe."""
-        written = self.out / "mergekit_config.yml"
-        if not (self.out / "config.json").exists() or not written.exists():
-            return False
-        if written.read_text(encoding="utf-8").strip() != self.recipe_text.strip():
-            return False
-        self.why_complete = (
-            "it holds this recipe's finished merge (its mergekit_config.yml matches); "
-            "nothing to do. Delete the folder to merge again."
-        )
-        return True
 
     def __enter__(self) -> Path:
         if self.staging.exists():  # left by a run that was killed
@@ -78,6 +66,19 @@ class StagedOutput:
         if error_type is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             return
-        if self.out.is_dir():  # an empty folder the user made (the preflight checked it)
-            self.out.rmdir()
+        if self.out.is_dir():
+            if self.replace:
+                shutil.rmtree(self.out)
+            else:
+                self.out.rmdir()  # empty: callers refuse a folder with anything in it
         self.staging.rename(self.out)
+
+
+def holds_finished_merge(out_path: str | Path, recipe_text: str) -> bool:
+    """Whether ``out_path`` holds the finished merge of the recipe ``recipe_text``
+    (mergekit writes the recipe as ``mergekit_config.yml`` beside the weights)."""
+    out = Path(out_path)
+    written = out / "mergekit_config.yml"
+    if not (out / "config.json").exists() or not written.exists():
+        return False
+    return written.read_text(encoding="utf-8").strip() == recipe_text.strip()

@@ -214,7 +214,7 @@ def test_info_reports_format_size_and_errors(exact_delta):
     assert result.returncode == 0, result.stderr
     assert "dense bfloat16, exact:" in result.stdout
     assert "all files match the sha256" in result.stdout
-    assert "| layers.*.self_attn.q_proj.weight | 2 | 0 |" in result.stdout
+    assert "| layers.*.self_attn.q_proj.weight | attention | 2 | 0 |" in result.stdout
     facts = open_and_describe(exact_delta, verify=False)
     assert facts["relative_error"] == 0.0
     assert facts["stored_bytes"] == (exact_delta / "delta.safetensors").stat().st_size
@@ -298,7 +298,7 @@ def test_dare_delta_keeps_a_fraction_and_rescales(models, tmp_path):
     folder = DeltaFolder(delta)
     exact = exact_difference(models["ft"], models["base"])
     name = "model.layers.0.mlp.up_proj.weight"
-    decoded = folder.tensor(name).double().numpy()
+    decoded = decode(folder, name).double().numpy()
     kept = decoded != 0
     assert kept.mean() == pytest.approx(0.3, abs=0.02)
     # L1 rescaling: the kept values are Δ's, scaled so that ‖kept‖₁ = ‖Δ‖₁ (bf16-rounded).

@@ -207,7 +207,7 @@ def test_extract_refuses_models_of_different_architectures(llama, olmo2, tmp_pat
     assert code == 2
     assert stderr.startswith("ftt-delta: error: fine-tuned model")
     assert "is llama ['LlamaForCausalLM'] but base" in stderr
-    assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
+    assert not (tmp_path / "d").exists() and not (tmp_path / ".d.incomplete").exists()
 
 
 def test_extract_never_overwrites_unasked(llama, tmp_path, capsys):

@@ -48,7 +48,7 @@ def test_saved_copy_is_bf16_with_pad_eos_and_skipped_when_complete(tmp_path):
         assert torch.equal(tensor, reference.to(torch.bfloat16)), name
     reloaded = AutoTokenizer.from_pretrained(folder)
     assert reloaded.pad_token == reloaded.eos_token == "<|endoftext|>"
-    assert not (tmp_path / "M4.partial").exists()
+    assert not (tmp_path / ".M4.incomplete").exists()
     # A complete folder is skipped before any Hub access.
     (tmp_path / "M4" / "model.safetensors").touch()
     assert fetch.fetch("M4", tmp_path) == folder

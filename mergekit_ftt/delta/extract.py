@@ -6,7 +6,7 @@ memory-mapped), differenced in float64 in blocks of whole rows exactly as
 queued for a shard of at most ``shard_bytes``. Memory is one tensor's encoded output,
 one shard being filled and one float64 block, whatever the model size.
 
-Everything is written into ``OUT.partial`` and renamed to ``OUT`` at the end, so an
+Everything is written into ``.OUT.incomplete`` and renamed to ``OUT`` at the end, so an
 interrupted extraction never leaves a folder that looks complete.
 """
 
@@ -46,6 +46,7 @@ from mergekit_ftt.delta.format import (
     is_delta_folder,
 )
 from mergekit_ftt.errors import DeltaError
+from mergekit_ftt.outputs import StagedOutput
 
 GB = 1000**3
 TOKENIZER_FILES = (
@@ -394,12 +395,10 @@ def extract(
     plan = plan_extraction(ft_model, base_model)
     source_dtype = _float_dtype(ft_model, plan)
     encoding = options.encoding(source_dtype)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with StagedOutput(out, replace=options.overwrite) as staging:
+        staging.mkdir()
         tensors, files = _extract_tensors(
-            ft_model, base_model, plan, encoding, partial, options, progress
+            ft_model, base_model, plan, encoding, staging, options, progress
         )
         config = DeltaConfig(
             created_by=f"mergekit-ftt {__version__}",
@@ -413,13 +412,7 @@ def extract(
             tensors=tensors,
             files=files,
         )
-        _write_side_files(ft_model, config, partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)  # --overwrite of an earlier delta folder, checked above
-    partial.rename(out)
+        _write_side_files(ft_model, config, staging, out.name)
     _remember_verified(out, config.files)
     return config
 
@@ -567,7 +560,7 @@ def _encode_tensor(
     return info, components
 
 
-def _write_side_files(finetuned: Source, config: DeltaConfig, folder: Path) -> None:
+def _write_side_files(finetuned: Source, config: DeltaConfig, folder: Path, name: str) -> None:
     """config.json, the fine-tuned model's tokenizer and generation config, the card and
     delta_config.json (last: its presence marks a finished folder)."""
     from mergekit_ftt.card import delta_card
@@ -577,7 +570,5 @@ def _write_side_files(finetuned: Source, config: DeltaConfig, folder: Path) -> N
     for name in TOKENIZER_FILES:
         if (tokenizer_folder / name).is_file():
             shutil.copy(tokenizer_folder / name, folder / name)
-    (folder / "README.md").write_text(
-        delta_card(config, folder.name.removesuffix(".partial")), encoding="utf-8"
-    )
+    (folder / "README.md").write_text(delta_card(config, name), encoding="utf-8")
     (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")

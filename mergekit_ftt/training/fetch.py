@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,16 +87,16 @@ def save_bf16_with_pad_eos(snapshot: Path, folder: Path, provenance: dict) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    from mergekit_ftt.outputs import StagedOutput
+
     model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
     tokenizer.pad_token = tokenizer.eos_token
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / COMPLETE_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)  # an unmarked leftover of an older tool
-    partial.rename(folder)
+    # replace: an unmarked folder is the leftover of an older tool (is_complete said no).
+    with StagedOutput(folder, replace=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / COMPLETE_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     return folder
 
 
