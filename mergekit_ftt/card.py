@@ -10,7 +10,6 @@ measured against, its weight α, and where the tokenizer came from.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
     from mergekit_ftt.delta.format import DeltaConfig
 
 PROJECT_URL = "https://github.com/arcee-ai/mergekit"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def hub_id(model: str) -> str | None:
@@ -33,7 +31,9 @@ def hub_id(model: str) -> str | None:
     path = model.split("@", 1)[0]
     if os.path.exists(path) or path.startswith(("/", "~", ".")):
         return None
-    return path if _HUB_ID.match(path) else None
+    from mergekit_ftt import hub
+
+    return path if hub.is_repo_id(path) else None
 
 
 def _metadata(base_models: Iterable[str], tags: list[str]) -> str:

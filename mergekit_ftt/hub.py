@@ -26,6 +26,18 @@ from huggingface_hub.errors import (
 LOGIN = "`hf auth login` (`huggingface-cli login` before huggingface_hub 1.0) or set HF_TOKEN"
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed Hub repository id (``org/name`` or ``name``),
+    by huggingface_hub's own rules; no network. The one Hub-id test of the package."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def probe(repo_id: str, filename: str, revision: str | None = None) -> None:
     """Ask the Hub for ``filename``'s metadata once, without retries; raise what it raises.
 

@@ -70,15 +70,11 @@ def require_model(name_or_path: str, revision: str | None = None) -> None:
         if not (folder / "config.json").is_file():
             raise FttError(f"model folder {name_or_path} has no config.json: not a saved model.")
         return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
+    if not hub.is_repo_id(name_or_path):
         raise FttError(
             f"model {name_or_path!r}: no such local folder (looked in {Path.cwd()}), and not a "
             "Hub model id (organisation/name)."
-        ) from None
+        )
     try:
         hub.probe(name_or_path, "config.json", revision=revision)
         return

@@ -39,7 +39,7 @@ def _locate_path(path: ModelPath, marker: str, kind: str) -> None:
         raise FinetuningTransferError(
             f"{name} is a file; the recipe needs the folder of {kind} (the one with {marker})."
         )
-    if not _is_repo_id(name):
+    if not hub.is_repo_id(name):
         raise FinetuningTransferError(
             f"there is no folder {name} (looked in {os.getcwd()}): check the path in the recipe."
         )
@@ -79,16 +79,6 @@ def _unreachable(error: BaseException, repo_id: str, revision: str | None, messa
     return f"{message} {fix}." if snapshot is not None else message
 
 
-def _is_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def card_safe_paths(config: MergeConfiguration) -> MergeConfiguration:
     """Write local folders such as ``models/ft`` as ``./models/ft``.
 
@@ -117,7 +107,7 @@ def _card_asks_hub(path: ModelPath) -> bool:
     name = path.path
     return (
         name[:1] not in ("/", "~", ".") and name.count("/") <= 1 and os.path.exists(name)
-    ) and _is_repo_id(name)
+    ) and hub.is_repo_id(name)
 
 
 def _replace_models(node, renamed: dict[ModelReference, ModelReference]):
