@@ -15,8 +15,9 @@ import yaml
 from helpers import OFFLINE_ENV, run_cli, transfer_recipe
 from safetensors.torch import load_file, save_file
 
+from mergekit_ftt.demo import calibration
 from mergekit_ftt.errors import FttError
-from mergekit_ftt.inspect import calibration, inspect_recipe, statistics
+from mergekit_ftt.inspect import inspect_recipe, statistics
 
 STATISTIC_KEYS = {
     "elements",

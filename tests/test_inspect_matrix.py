@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from mergekit_ftt.demo import matrix
+from mergekit_ftt.demo import calibration, matrix
 from mergekit_ftt.demo.config import load_config
 from mergekit_ftt.errors import FttError
-from mergekit_ftt.inspect import calibration
 
 
 def test_checkpoints_spread_over_both_stages():

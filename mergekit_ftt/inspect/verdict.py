@@ -15,7 +15,7 @@ STATISTIC = "gap_to_delta"
 STATISTIC_TEXT = "‖M_t − M_s‖ / ‖Δ‖"
 LIKELY, UNLIKELY = 0.7, 0.3  # predicted efficiency at the two thresholds
 
-# Fitted by mergekit_ftt.inspect.calibration.fit_curve on `ftt-demo --matrix 3` (full
+# Fitted by mergekit_ftt.demo.calibration.fit_curve on `ftt-demo --matrix 3` (full
 # preset, seeds 0-2, 60 ordered pairs, 200-question test; docs/inspect.md): RMS error 0.11,
 # and 0.07-0.15 on each seed when fitted on the other two.
 CALIBRATION = {
