@@ -53,7 +53,6 @@ import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-sys.path.append(str(REPO / "tests"))  # helpers.rounded: the float64 reference's one rounding
 DEFAULT_CHECKPOINTS = BENCH_DIR / "checkpoints"
 DEFAULT_RESULTS = BENCH_DIR / "results"
 GB = 1000**3
@@ -479,7 +478,8 @@ def rounded_once(values, dtype, chunk: int = 1 << 24):
     1.48B at 1b). Chunks keep NumPy's temporaries small for the 8B embedding.
     """
     import torch
-    from helpers import rounded  # tests/helpers.py: independent of the kernel's rounding
+
+    from mergekit_ftt.reference import rounded  # independent of the kernel's rounding
 
     flat = values.reshape(-1).numpy()
     parts = [rounded(flat[start : start + chunk], dtype) for start in range(0, flat.size, chunk)]

@@ -127,6 +127,8 @@ def compare_outputs(root: Path, paths: dict[str, Path]) -> dict:
     """CPU and GPU transfers bit-identical, and both equal the float64 reference."""
     from safetensors.torch import load_file
 
+    from mergekit_ftt.reference import rounded
+
     def weights(folder: Path) -> dict[str, torch.Tensor]:
         merged = {}
         for shard in sorted(folder.glob("*.safetensors")):
@@ -143,11 +145,16 @@ def compare_outputs(root: Path, paths: dict[str, Path]) -> dict:
     )
     report = {}
     for label, merged in outputs.items():
+        # Rounded once, in NumPy: torch's float64 → bf16 conversion rounds twice (through
+        # float32) and would flag right elements as wrong.
         exact = all(
             torch.equal(
                 tensor,
-                (target[name].double() + (finetuned[name].double() - base[name].double())).to(
-                    tensor.dtype
+                rounded(
+                    (
+                        target[name].double() + (finetuned[name].double() - base[name].double())
+                    ).numpy(),
+                    tensor.dtype,
                 ),
             )
             for name, tensor in merged.items()
