@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_cli
+from helpers import merge, run_cli
 from safetensors.torch import load_file, save_file
 
 from mergekit_ftt.tiny import save_random_model, tiny_config
@@ -31,10 +31,11 @@ def refused(recipe: dict, tmp_path: Path) -> str:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_ftt.errors import FinetuningTransferError
+    from mergekit_ftt.errors import FttError
     from mergekit_ftt.preflight import check_merge
 
-    with pytest.raises(FinetuningTransferError) as error:
+    # FinetuningTransferError or DeltaError: both reach the user as mergekit's `Error:`.
+    with pytest.raises(FttError) as error:
         check_merge(
             MergeConfiguration.model_validate(recipe), str(tmp_path / "out"), MergeOptions()
         )
@@ -180,7 +181,12 @@ def test_delta_in_another_merge_method(llama, delta, tmp_path):
             {"model": str(delta), "parameters": {"weight": 0.5}},
         ],
     }
-    assert "is a delta folder (fine-tuned − base), not a model" in refused(recipe, tmp_path)
+    # Another method never reaches the transfer's preflight: the adapter refuses the delta
+    # folder in its run_merge wrapper, before mergekit loads anything.
+    result, out = merge(recipe, tmp_path)
+    assert result.returncode == 1
+    assert "is a delta folder (fine-tuned − base), not a model" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
 
 
 def test_added_rows_need_the_delta_as_tokenizer_source(llama, tmp_path, capsys):
