@@ -203,7 +203,8 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None
 
     Each field ``batch_size`` is ``--batch-size`` and also ``--batch_size`` (lm-eval's and
     TRL's spelling). ``bool`` fields are switches; ``bool | None`` fields take an optional
-    ``true|false`` (alone: true); ``list`` fields repeat; ``Literal`` fields list their
+    ``true|false`` (alone: true), and a ``bool`` field that defaults to true is
+    ``--name``/``--no-name``; ``list`` fields repeat; ``Literal`` fields list their
     choices; ``dict`` fields take ``key=value`` pairs. Unset flags stay out of the namespace, so the model's defaults apply.
     """
     group = parser.add_argument_group(model.__name__, (model.__doc__ or "").split("\n\n")[0])
@@ -212,7 +213,7 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         default = "" if info.default in (None, False, []) else f" (default: {info.default})"
         kwargs["help"] = (info.description or "") + default
-        kwargs.update(_flag_kind(info.annotation))
+        kwargs.update(_flag_kind(info.annotation, info.default))
         group.add_argument(*flags, **kwargs)
 
 
@@ -237,13 +238,13 @@ def parse_bool(text: str) -> bool:
     return text.lower() == "true"
 
 
-def _flag_kind(annotation: Any) -> dict[str, Any]:
+def _flag_kind(annotation: Any, default: Any = None) -> dict[str, Any]:
     """argparse settings for a field annotation (pydantic validates the value afterwards)."""
     origin = typing.get_origin(annotation)
     members = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else ()
     present = [member for member in members if member is not type(None)] or [annotation]
-    if annotation is bool:
-        return {"action": "store_true"}
+    if annotation is bool:  # a switch; one that is on by default also gets --no-NAME
+        return {"action": argparse.BooleanOptionalAction if default is True else "store_true"}
     if present == [bool]:
         return {"nargs": "?", "const": True, "type": parse_bool, "metavar": "true|false"}
     if typing.get_origin(present[0]) is list:

@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.cli import Stages, entry_point, library_logs
+from mergekit_ftt.cli import Stages, add_options, entry_point, library_logs, options_from
+from mergekit_ftt.delta.options import ExtractOptions
 from mergekit_ftt.errors import FttError
 from mergekit_ftt.recipe_file import read_recipe, require_transfer
 
 PROG = "ftt-delta"
-DTYPES = ("bfloat16", "float16", "float32", "float64")
-_SIZE = re.compile(r"^\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)b?\s*$", re.IGNORECASE)
-
-
-def _size(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size such as 1GB or 500MB, got {text!r}")
-    number, unit = match.groups()
-    return int(float(number) * 1000 ** " kmgt".index(unit.lower() or " "))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,46 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("paths", nargs="+", metavar="[RECIPE] OUT_DIR")
     extract.add_argument("--finetuned", help="the fine-tuned model (Hub id or folder)")
     extract.add_argument("--base", help="the model it was fine-tuned from")
-    extract.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        help="stored precision of Δ (default: the fine-tuned model's dtype)",
-    )
-    extract.add_argument(
-        "--no-exact",
-        dest="exact",
-        action="store_false",
-        help="dense: store Δ rounded to --dtype only; by default the elements the dtype "
-        "rounds are also stored exactly, so the transfer is bit-identical",
-    )
-    extract.add_argument(
-        "--compress",
-        choices=("none", "magnitude", "dare", "sign"),
-        default="none",
-        help="magnitude / dare: sparse through mergekit's sparsify (needs --density); "
-        "sign: 1 bit per element and a scale (BitDelta without distillation)",
-    )
-    extract.add_argument("--density", type=float, help="magnitude / dare: fraction kept")
-    extract.add_argument(
-        "--rescale",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="magnitude / dare: rescale kept values to Δ's L1 norm (default: on for dare)",
-    )
-    extract.add_argument(
-        "--scale", choices=("row", "matrix"), default="row", help="sign: a scale per row or matrix"
-    )
-    extract.add_argument("--seed", type=int, default=0, help="dare: random seed")
-    extract.add_argument(
-        "--shard-size", type=_size, default=_size("1GB"), help="bytes per file (default 1GB)"
-    )
-    extract.add_argument(
-        "--no-source-hash",
-        dest="hash_sources",
-        action="store_false",
-        help="skip the sha256 of the two models' weights recorded in delta_config.json",
-    )
-    extract.add_argument("--overwrite", action="store_true", help="replace a delta in OUT_DIR")
+    add_options(extract, ExtractOptions)
     extract.add_argument("--verbose", action="store_true", help="library logs on the terminal")
     info = sub.add_parser("info", help="what a delta folder holds, and its reconstruction error")
     info.add_argument("folder", type=Path)
@@ -139,24 +90,13 @@ def _sources(args: argparse.Namespace) -> tuple[str, str, Path]:
 
 
 def run_extract(args: argparse.Namespace) -> None:
+    options = options_from(args, ExtractOptions)  # a bad combination is named before any work
     finetuned, base, out = _sources(args)
     stages = Stages(PROG)
     with library_logs(out.with_name(out.name + ".log"), args.verbose):
-        from mergekit_ftt.delta.extract import ExtractOptions, extract
+        from mergekit_ftt.delta.extract import extract
         from mergekit_ftt.delta.info import describe, render
 
-        options = ExtractOptions(
-            dtype=args.dtype,
-            exact=args.exact,
-            compress=args.compress,
-            density=args.density,
-            rescale=args.rescale,
-            scale=args.scale,
-            seed=args.seed,
-            shard_bytes=args.shard_size,
-            hash_sources=args.hash_sources,
-            overwrite=args.overwrite,
-        )
         config = extract(finetuned, base, out, options, progress=stages)
     stages(f"wrote {out}")
     print(render(describe(config, out)))

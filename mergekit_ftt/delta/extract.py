@@ -3,7 +3,7 @@
 Each tensor is read from both models through mergekit's own lazy loaders (safetensors is
 memory-mapped), differenced in float64 in blocks of whole rows exactly as
 ``finetuning_transfer`` computes it, encoded (:mod:`mergekit_ftt.delta.encode`) and
-queued for a shard of at most ``shard_bytes``. Memory is one tensor's encoded output,
+queued for a shard of at most ``shard_size`` bytes. Memory is one tensor's encoded output,
 one shard being filled and one float64 block, whatever the model size.
 
 Everything is written into ``.OUT.incomplete`` and renamed to ``OUT`` at the end, so an
@@ -45,6 +45,7 @@ from mergekit_ftt.delta.format import (
     file_sha256,
     is_delta_folder,
 )
+from mergekit_ftt.delta.options import ExtractOptions
 from mergekit_ftt.errors import DeltaError
 from mergekit_ftt.outputs import StagedOutput
 
@@ -61,50 +62,25 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-COMPRESSIONS = ("none", "magnitude", "dare", "sign")
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    """What ``ftt-delta extract``'s flags choose."""
-
-    dtype: str | None = None  # stored dtype; None: the fine-tuned model's
-    exact: bool = True  # dense only: store the elements the dtype rounds, exactly
-    compress: str = "none"  # none | magnitude | dare | sign
-    density: float | None = None  # magnitude / dare
-    rescale: bool | None = None  # magnitude / dare; None: mergekit's default (dare: on)
-    scale: str = "row"  # sign: row | matrix
-    seed: int = 0  # dare
-    shard_bytes: int = GB
-    hash_sources: bool = True
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.compress not in COMPRESSIONS:
-            raise DeltaError(f"unknown compression {self.compress!r}; choose {COMPRESSIONS}.")
-        sparse = self.compress in ("magnitude", "dare")
-        if sparse and (self.density is None or not 0 < self.density <= 1):
-            raise DeltaError(
-                f"--compress {self.compress} needs --density in (0, 1], the fraction of "
-                "elements kept (e.g. --density 0.1)."
-            )
-
-    def encoding(self, source_dtype: str) -> Encoding:
-        dtype = self.dtype or source_dtype
-        if self.compress == "none":
-            return Encoding(kind="dense", dtype=dtype, exact=self.exact)
-        if self.compress == "sign":
-            return Encoding(kind="sign", dtype=dtype, scale=self.scale)
-        random = self.compress == "dare"
-        return Encoding(
-            kind="sparse",
-            dtype=dtype,
-            method="random" if random else "magnitude",
-            density=self.density,
-            rescale=random if self.rescale is None else self.rescale,
-            seed=self.seed if random else None,
-            block_elements=SPARSIFY_BLOCK_ELEMENTS,
-        )
+def encoding_for(options: ExtractOptions, source_dtype: str) -> Encoding:
+    """How the delta folder stores Δ, from the options and the fine-tuned model's dtype."""
+    dtype = options.dtype or source_dtype
+    if options.compress == "none":
+        return Encoding(kind="dense", dtype=dtype, exact=options.exact)
+    if options.compress == "sign":
+        return Encoding(kind="sign", dtype=dtype, scale=options.scale)
+    random = options.compress == "dare"
+    return Encoding(
+        kind="sparse",
+        dtype=dtype,
+        method="random" if random else "magnitude",
+        density=options.density,
+        rescale=random if options.rescale is None else options.rescale,
+        seed=options.seed if random else None,
+        block_elements=SPARSIFY_BLOCK_ELEMENTS,
+    )
 
 
 @dataclass
@@ -394,7 +370,7 @@ def extract(
     ft_model, base_model = Source.open(finetuned), Source.open(base)
     plan = plan_extraction(ft_model, base_model)
     source_dtype = _float_dtype(ft_model, plan)
-    encoding = options.encoding(source_dtype)
+    encoding = encoding_for(options, source_dtype)
     with StagedOutput(out, replace=options.overwrite) as staging:
         staging.mkdir()
         tensors, files = _extract_tensors(
@@ -402,8 +378,8 @@ def extract(
         )
         config = DeltaConfig(
             created_by=f"mergekit-ftt {__version__}",
-            finetuned=ft_model.describe(source_dtype, options.hash_sources),
-            base=base_model.describe(_float_dtype(base_model, plan, 1), options.hash_sources),
+            finetuned=ft_model.describe(source_dtype, options.source_hash),
+            base=base_model.describe(_float_dtype(base_model, plan, 1), options.source_hash),
             model_type=ft_model.config.model_type,
             architectures=list(ft_model.config.architectures or []),
             source_config=ft_model.config.to_dict(),
@@ -469,8 +445,8 @@ def _extract_tensors(
 ) -> tuple[dict[str, TensorInfo], dict[str, FileInfo]]:
     from tqdm import tqdm
 
-    writer = ShardWriter(folder, options.shard_bytes)
-    hasher = ThreadPoolExecutor(max_workers=1) if options.hash_sources else None
+    writer = ShardWriter(folder, int(options.shard_size))
+    hasher = ThreadPoolExecutor(max_workers=1) if options.source_hash else None
     if encoding.kind == "sparse" and encoding.method == "random":
         torch.manual_seed(encoding.seed)
     order = sorted(
