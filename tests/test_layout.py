@@ -59,3 +59,39 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [name])
     assert not cycles, cycles
+
+
+def reaches_into_mergekit(path: Path) -> list[str]:
+    """Private mergekit names this module imports or reads, and mergekit attributes it sets."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    bound, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mergekit":
+            bound.update(alias.asname or alias.name for alias in node.names)
+            found += [f"imports {node.module}.{a.name}" for a in node.names if a.name[0] == "_"]
+        elif isinstance(node, ast.Import):
+            bound.update(
+                alias.asname or alias.name.split(".")[0]
+                for alias in node.names
+                if alias.name.split(".")[0] == "mergekit"
+            )
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id not in bound:
+                continue
+            if isinstance(node.ctx, ast.Store):
+                found.append(f"sets {node.value.id}.{node.attr}")
+            elif node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"reads {node.value.id}.{node.attr}")
+    return found
+
+
+def test_only_the_adapter_reaches_into_mergekit():
+    adapter = PACKAGE / "mergekit_adapter.py"
+    found = {
+        str(path.relative_to(PACKAGE)): reaches
+        for path in PACKAGE.rglob("*.py")
+        if path != adapter and (reaches := reaches_into_mergekit(path))
+    }
+    assert found == {}
+    assert reaches_into_mergekit(adapter)  # the check sees what the adapter does
