@@ -353,3 +353,34 @@ def test_the_preflight_checks_a_sweep_once(recipes):
     assert len(build._CHECKED) == 1
     weights = [build.planned_weights(plan) for plan in plans]
     assert weights[0] != weights[1]  # each variant still gets its own weights
+
+
+def test_a_sweep_over_a_stored_delta_equals_mergekit(llama, tmp_path):
+    """A recipe with `role: delta` (a folder from ftt-delta extract): each variant built in
+    memory equals the one mergekit-yaml writes, bit for bit."""
+    delta = tmp_path / "delta"
+    extracted = run_cli(
+        "ftt-delta", "extract", str(delta), "--finetuned", str(llama.model("ft_a", 3)),
+        "--base", str(llama.model("source_base", 2)), "--no-source-hash",
+    )  # fmt: skip
+    assert extracted.returncode == 0, extracted.stderr
+    recipe_path = tmp_path / "delta.yml"
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "finetuning_transfer",
+                "base_model": str(llama.model("target", 1)),
+                "dtype": "bfloat16",
+                "models": [{"model": str(delta), "parameters": {"role": "delta", "weight": 1.0}}],
+            }
+        )
+    )
+    variants, recipe = variants_of(recipe_path, [0.5, 1.5], ["mlp"])
+    options = build.merge_options()
+    plan = build.memory_plan(recipe, options, "auto", "hf", "cpu", 4)
+    assert plan.input_bytes > 0
+    for variant in variants[:2]:
+        written = mergekit_output(variant, tmp_path / variant.label)
+        in_memory = dict(build.merged_tensors(variant.recipe, options))
+        assert written.keys() == in_memory.keys()
+        assert all(torch.equal(in_memory[n], t) for n, t in written.items()), variant.label

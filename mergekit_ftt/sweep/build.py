@@ -348,7 +348,9 @@ MEMORY_SHARE = 0.8
 
 
 def checkpoint_bytes(model: ModelReference, options: MergeOptions) -> int:
-    index = model.tensor_index(options.transformers_cache)
+    """The bytes of ``model``'s weight files, through the loader mergekit reads it with
+    (for a ``role: delta`` folder, the adapter's delta loader: its stored files)."""
+    index = model.lazy_loader(cache_dir=options.transformers_cache).index
     return sum(
         os.path.getsize(Path(index.base_path) / shard) for shard in set(index.tensor_paths.values())
     )
