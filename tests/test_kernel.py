@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import FORMATS, rounded
 from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_ftt.merge_methods.finetuning_transfer import (
@@ -13,6 +12,7 @@ from mergekit_ftt.merge_methods.finetuning_transfer import (
     FinetuningTransferError,
     round_once,
 )
+from mergekit_ftt.reference import FORMATS, rounded
 
 IDS = ["target", "ft_a", "ft_b", "source_base"]
 ROLES = {"ft_a": "source_finetuned", "ft_b": "source_finetuned", "source_base": "source_base"}
