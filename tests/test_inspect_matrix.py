@@ -11,9 +11,8 @@ import sys
 import pytest
 
 from mergekit_ftt.cli import FttError
-from mergekit_ftt.demo import matrix
+from mergekit_ftt.demo import calibration, matrix
 from mergekit_ftt.demo.config import load_config
-from mergekit_ftt.inspect import calibration
 
 
 def test_checkpoints_spread_over_both_stages():

@@ -38,9 +38,8 @@ from pathlib import Path
 import yaml
 
 from mergekit_ftt.cli import FttError, Stages, library_logs
-from mergekit_ftt.demo import corpus, pipeline
+from mergekit_ftt.demo import calibration, corpus, pipeline
 from mergekit_ftt.demo.config import DemoConfig, load_config
-from mergekit_ftt.inspect import calibration
 from mergekit_ftt.sources import is_finished_model
 
 # (stage, share of the stage) of each checkpoint: M1–M3 over the second half of stage 1

@@ -76,7 +76,9 @@ def inspect_recipe(
             ],
         },
         "statistics": statistics,
-        "verdict": judge(statistics),
+        "verdict": judge(
+            statistics, {d for entry in tensors["inputs"].values() for d in entry["stored_dtypes"]}
+        ),
     }
 
 

@@ -1,4 +1,4 @@
-"""``ftt-inspect RECIPE.yml [--json FILE] [--plot FILE.png]``: will this delta transfer?
+"""``ftt-inspect RECIPE.yml [--json FILE] [--plot FILE.png|.svg|.pdf]``: will this delta transfer?
 
 Reads the recipe mergekit-yaml takes (finetuning_transfer), streams the three models
 tensor by tensor and prints compatibility, weight-space statistics and a verdict, before
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergekit_ftt.cli import FttError, entry_point, library_logs
+from mergekit_ftt.inspect.report import PLOT_FORMATS
 
 PROG = "ftt-inspect"
 
@@ -32,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     parser.add_argument(
-        "--plot", type=Path, metavar="FILE.png", help="write per-layer statistics as a PNG"
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="write per-layer statistics as a plot (.png, .svg or .pdf)",
     )
     parser.add_argument(
         "--transformers-cache", default=None, help="Hugging Face cache folder, as for mergekit-yaml"
@@ -55,8 +59,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _refuse_overwrite(args.json, "--json")
     _refuse_overwrite(args.plot, "--plot")
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise FttError(f"--plot {args.plot}: the plot is a PNG; give a file name ending in .png")
+    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
+        raise FttError(f"--plot {args.plot}: give a file name ending in {', '.join(PLOT_FORMATS)}")
 
     from mergekit.options import MergeOptions
 
