@@ -337,7 +337,7 @@ def markdown(summary: dict) -> str:
         "Rows: the target Mi; +Δj: Mi + (FT(Mj) − Mj) by mergekit-multi (finetuning_transfer); "
         "efficiency = (score(Mi + Δj) − score(Mi)) / (score(FT(Mi)) − score(Mi)), – where "
         f"FT(Mi) gains less than {MIN_GAIN:g} points; diagonal (·) = FT(Mi) itself; "
-        "ftt-inspect's level: l likely, p partial, u unlikely.",
+        "ftt-inspect's level: l likely, p partial, u unlikely, o out of calibrated range.",
         "",
         *(seed_tables(seed) for seed in seeds),
         "### Spearman ρ of each candidate statistic with transfer efficiency",
