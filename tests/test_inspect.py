@@ -496,3 +496,25 @@ def test_plot_bands_are_labelled_and_cosine_axis_is_fixed(family, tmp_path):
     labels = ratio.get_legend_handles_labels()[1]
     assert {"likely", "partial", "unlikely"} <= set(labels)
     assert cosine.get_ylim() == (-1.0, 1.0)
+
+
+def test_a_sparsified_sign_elected_recipe_is_out_of_range(family, tmp_path):
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        family["target"],
+        family["base"],
+        [(family["ft"], 1.0)],
+        dtype="float32",
+        parameters={
+            "sparsification_method": "magnitude",
+            "density": 0.5,
+            "consensus_method": "sum",
+        },
+    )
+    verdict = inspect_recipe(recipe, progress=False)["verdict"]
+    assert verdict["in_range"] is False
+    assert verdict["level"] == "out of calibrated range"
+    assert [r for r in verdict["out_of_range"] if "the recipe sets" in r] == [
+        "the recipe sets sparsification_method magnitude; the calibration saw dense deltas",
+        "the recipe sets consensus_method sum; the calibration saw dense deltas",
+    ]

@@ -7,12 +7,13 @@ S = ‖M_t − M_s‖ / ‖Δ‖ over the whole model: how far the target lies f
 in units of the delta. S50, K, the score's uncertainty (held-out RMS error) and the range of
 pairs the calibration covered are read from verdict_calibration.json, which records the runs
 that produced them; the fitting code is research code in benchmarks/. A pair outside that
-range (statistic, scale, depth, dtype) gets no confident level: the verdict says so.
+range (statistic, scale, depth, dtype, a sparsified or sign-elected recipe) gets no confident level: the verdict says so.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -44,10 +45,12 @@ def thresholds(s50: float | None = None, k: float | None = None) -> dict[str, fl
     return {"likely_below": crossing(LIKELY), "unlikely_above": crossing(UNLIKELY)}
 
 
-def out_of_range(statistics: dict, dtypes: set[str]) -> list[str]:
+def out_of_range(statistics: dict, dtypes: set[str], delta_methods: Sequence[str]) -> list[str]:
     """Why this pair lies outside what the calibration covered (empty: inside)."""
     covered = calibration()["range"]
-    reasons = []
+    reasons = [
+        f"the recipe sets {method}; the calibration saw dense deltas" for method in delta_methods
+    ]
     value = statistics["model"][statistics_key()]
     low, high = covered["statistic"]
     if value is not None and not low <= value <= high:
@@ -74,8 +77,13 @@ def statistics_key() -> str:
     return calibration()["statistic"]
 
 
-def judge(statistics: dict, dtypes: set[str] = frozenset({"float32"})) -> dict:
-    """The verdict on a report's ``statistics``; ``dtypes``: the inputs' stored dtypes."""
+def judge(
+    statistics: dict,
+    dtypes: set[str] = frozenset({"float32"}),
+    delta_methods: Sequence[str] = (),
+) -> dict:
+    """The verdict on a report's ``statistics``; ``dtypes``: the inputs' stored dtypes;
+    ``delta_methods``: the recipe's sparsification / consensus settings, if any."""
     shipped = calibration()
     value = statistics["model"][statistics_key()]
     limits = thresholds()
@@ -106,7 +114,7 @@ def judge(statistics: dict, dtypes: set[str] = frozenset({"float32"})) -> dict:
             "unchanged.",
         }
     score = predicted_efficiency(value, **shipped["curve"])
-    reasons = out_of_range(statistics, set(dtypes))
+    reasons = out_of_range(statistics, set(dtypes), delta_methods)
     if value <= limits["likely_below"]:
         level, sentence = (
             "likely",
