@@ -499,18 +499,9 @@ def test_plot_bands_are_labelled_and_cosine_axis_is_fixed(family, tmp_path):
 
 
 def test_a_sparsified_sign_elected_recipe_is_out_of_range(family, tmp_path):
-    recipe = write_recipe(
-        tmp_path / "r.yml",
-        family["target"],
-        family["base"],
-        [(family["ft"], 1.0)],
-        dtype="float32",
-        parameters={
-            "sparsification_method": "magnitude",
-            "density": 0.5,
-            "consensus_method": "sum",
-        },
-    )
+    sparse = {"sparsification_method": "magnitude", "density": 0.5, "consensus_method": "sum"}
+    pair = (family["target"], family["base"], [(family["ft"], 1.0)])
+    recipe = write_recipe(tmp_path / "r.yml", *pair, dtype="float32", parameters=sparse)
     verdict = inspect_recipe(recipe, progress=False)["verdict"]
     assert verdict["in_range"] is False
     assert verdict["level"] == "out of calibrated range"
