@@ -388,7 +388,7 @@ def test_cli_writes_table_json_and_png(family, tmp_path):
         "shape",
         "rows_compared",
     }
-    assert set(report["verdict"]) == {
+    assert set(report["verdict"]) - {"level_on_miniature"} == {
         "score",
         "level",
         "statistic",
@@ -396,7 +396,14 @@ def test_cli_writes_table_json_and_png(family, tmp_path):
         "sentence",
         "evidence",
         "thresholds",
+        "uncertainty",
+        "calibration_version",
+        "in_range",
+        "out_of_range",
     }
+    assert report["verdict"]["in_range"] is True, report["verdict"]["out_of_range"]
+    assert report["verdict"]["level"] in {"likely", "partial", "unlikely"}
+    assert f"± {report['verdict']['uncertainty']:.2f}" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -438,3 +445,68 @@ def test_efficiency_needs_a_fine_tuning_gain():
     assert calibration.efficiency(10.0, 60.0, 35.0) == pytest.approx(0.5)
     assert calibration.efficiency(0.0, 40.0, 50.0) == pytest.approx(1.25)
     assert calibration.efficiency(10.0, 12.0, 11.0) is None
+
+
+def test_a_pair_outside_the_calibrated_range_gets_no_level(family, tmp_path):
+    # A target 100× farther from the source base than the delta: the statistic lies far
+    # beyond the miniature's 0.575-3.94, and bfloat16 weights are a dtype it never saw.
+    far = perturbed(family["base"], tmp_path / "far", seed=4, scale=2.0, dtype=torch.bfloat16)
+    recipe = write_recipe(
+        tmp_path / "r.yml", far, family["base"], [(family["ft"], 1.0)], dtype="float32"
+    )
+    result = run_cli("ftt-inspect", str(recipe), "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    verdict = json.loads((tmp_path / "r.json").read_text())["verdict"]
+    assert verdict["in_range"] is False
+    assert verdict["level"] == "out of calibrated range"
+    assert verdict["level_on_miniature"] == "unlikely"
+    assert verdict["value"] > 3.94
+    assert any("outside the calibrated 0.575-3.94" in r for r in verdict["out_of_range"])
+    assert any("bfloat16" in r for r in verdict["out_of_range"])
+    assert "outside what the verdict was calibrated on" in result.stdout
+    assert "(out of calibrated range)" in result.stdout
+
+
+def test_alpha_zero_says_the_weights_are_zero(family, tmp_path):
+    recipe = write_recipe(
+        tmp_path / "r.yml", family["target"], family["base"], [(family["ft"], 0.0)]
+    )
+    verdict = inspect_recipe(recipe, progress=False)["verdict"]
+    assert verdict["level"] == "nothing to transfer"
+    assert verdict["value"] is None
+    assert "every weight α is 0" in verdict["sentence"]
+
+
+@pytest.mark.parametrize(("suffix", "magic"), [(".svg", b"<?xml"), (".pdf", b"%PDF")])
+def test_cli_writes_svg_and_pdf_plots(family, tmp_path, suffix, magic):
+    recipe = write_recipe(
+        tmp_path / "r.yml", family["target"], family["base"], [(family["ft"], 1.0)]
+    )
+    result = run_cli("ftt-inspect", str(recipe), "--plot", str(tmp_path / f"r{suffix}"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"r{suffix}").read_bytes()[: len(magic)] == magic
+
+
+def test_plot_bands_are_labelled_and_cosine_axis_is_fixed(family, tmp_path):
+    from mergekit_ftt.inspect.report import figure
+
+    recipe = write_recipe(
+        tmp_path / "r.yml", family["target"], family["base"], [(family["ft"], 1.0)]
+    )
+    _, ratio, cosine = figure(inspect_recipe(recipe, progress=False)).axes
+    labels = ratio.get_legend_handles_labels()[1]
+    assert {"likely", "partial", "unlikely"} <= set(labels)
+    assert cosine.get_ylim() == (-1.0, 1.0)
+
+
+def test_a_sparsified_sign_elected_recipe_is_out_of_range(family, tmp_path):
+    sparse = {"sparsification_method": "magnitude", "density": 0.5, "consensus_method": "sum"}
+    pair = (family["target"], family["base"], [(family["ft"], 1.0)])
+    recipe = write_recipe(tmp_path / "r.yml", *pair, dtype="float32", parameters=sparse)
+    verdict = inspect_recipe(recipe, progress=False)["verdict"]
+    assert verdict["in_range"] is False
+    assert verdict["level"] == "out of calibrated range"
+    assert [r for r in verdict["out_of_range"] if "the recipe sets" in r] == [
+        "the recipe sets sparsification_method magnitude; the calibration saw dense deltas",
+        "the recipe sets consensus_method sum; the calibration saw dense deltas",
+    ]

@@ -1,5 +1,8 @@
 """How well ftt-inspect's statistics predict transfer: the miniature Table 3's bookkeeping.
 
+Research code of ``ftt-demo --matrix``, outside the ftt-inspect command: the command reads
+only the calibration file this produces (mergekit_ftt/inspect/verdict_calibration.json).
+
 ``ftt-demo --matrix`` (mergekit_ftt/demo/matrix.py) trains, merges and evaluates; this
 module turns its scores and ftt-inspect reports into transfer efficiencies, Spearman
 correlations per candidate statistic, tables laid out like the paper's Table 3, and a
@@ -17,9 +20,9 @@ from pathlib import Path
 
 from mergekit_ftt.inspect.verdict import (
     LIKELY,
-    STATISTIC,
     UNLIKELY,
     predicted_efficiency,
+    statistics_key,
     thresholds,
 )
 
@@ -179,10 +182,10 @@ def across_seeds(seeds: Sequence[dict]) -> list[dict]:
 
 def _points(seeds: Sequence[dict]) -> list[tuple[float, float]]:
     return [
-        (row["candidates"][f"model.{STATISTIC}"], row["efficiency"])
+        (row["candidates"][f"model.{statistics_key()}"], row["efficiency"])
         for seed in seeds
         for row in seed["pairs"]
-        if row["efficiency"] is not None and row["candidates"].get(f"model.{STATISTIC}")
+        if row["efficiency"] is not None and row["candidates"].get(f"model.{statistics_key()}")
     ]
 
 
@@ -219,7 +222,7 @@ def calibrate(seeds: Sequence[dict]) -> dict:
             }
         )
     return {
-        "statistic": STATISTIC,
+        "statistic": statistics_key(),
         "fit": fit,
         "thresholds": limits,
         "bands": {
@@ -238,7 +241,7 @@ def calibrate(seeds: Sequence[dict]) -> dict:
 def calibration_text(calibration: dict) -> str:
     fit, limits = calibration["fit"], calibration["thresholds"]
     lines = [
-        f"Fit over all pairs: efficiency ≈ 1 / (1 + ({STATISTIC} / {fit['s50']:.3f})^{fit['k']:.2f}), "
+        f"Fit over all pairs: efficiency ≈ 1 / (1 + ({statistics_key()} / {fit['s50']:.3f})^{fit['k']:.2f}), "
         f"RMS error {fit['rms_error']:.3f}; predicted efficiency {LIKELY} at "
         f"{limits['likely_below']:.3f}, {UNLIKELY} at {limits['unlikely_above']:.3f}.",
         "",
@@ -334,7 +337,7 @@ def markdown(summary: dict) -> str:
         "Rows: the target Mi; +Δj: Mi + (FT(Mj) − Mj) by mergekit-multi (finetuning_transfer); "
         "efficiency = (score(Mi + Δj) − score(Mi)) / (score(FT(Mi)) − score(Mi)), – where "
         f"FT(Mi) gains less than {MIN_GAIN:g} points; diagonal (·) = FT(Mi) itself; "
-        "ftt-inspect's level: l likely, p partial, u unlikely.",
+        "ftt-inspect's level: l likely, p partial, u unlikely, o out of calibrated range.",
         "",
         *(seed_tables(seed) for seed in seeds),
         "### Spearman ρ of each candidate statistic with transfer efficiency",
@@ -345,7 +348,7 @@ def markdown(summary: dict) -> str:
         "",
         calibration_text(calibrate(seeds)),
         "",
-        f"Verdict statistic: {STATISTIC}. This invocation (stages finished before are skipped): "
+        f"Verdict statistic: {statistics_key()}. This invocation (stages finished before are skipped): "
         f"wall time {summary['wall_seconds']:.0f} s, CPU time {summary['cpu_seconds']:.0f} s; "
         f"load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end.",
     ]
@@ -378,7 +381,9 @@ def plot(summary: dict, path: Path) -> Path:
         for value in thresholds(fit["s50"], fit["k"]).values():
             ax.axvline(value, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
-    ax.set_xlabel(f"S = ftt-inspect {STATISTIC} (whole model); dashed: the verdict's thresholds")
+    ax.set_xlabel(
+        f"S = ftt-inspect {statistics_key()} (whole model); dashed: the verdict's thresholds"
+    )
     ax.set_ylabel("transfer efficiency")
     ax.axhline(0, color="grey", lw=0.5)
     ax.axhline(1, color="grey", lw=0.5, ls=":")

@@ -79,7 +79,11 @@ def inspect_recipe(
             ],
         },
         "statistics": statistics,
-        "verdict": judge(statistics),
+        "verdict": judge(
+            statistics,
+            {d for entry in tensors["inputs"].values() for d in entry["stored_dtypes"]},
+            _delta_methods(loaded.config),
+        ),
     }
 
 
@@ -88,3 +92,13 @@ def _weights(loaded, index: int) -> float | dict[str, float]:
     per_tensor = {t.name: t.finetuned[index][1] for t in loaded.tensors}
     values = set(per_tensor.values())
     return values.pop() if len(values) == 1 else per_tensor
+
+
+def _delta_methods(config) -> list[str]:
+    """The recipe's sparsification / sign election, which the verdict's calibration never saw."""
+    parameters = config.parameters or {}
+    return [
+        f"{key} {parameters[key]}"
+        for key in ("sparsification_method", "consensus_method")
+        if parameters.get(key) is not None
+    ]

@@ -1,4 +1,4 @@
-"""``ftt-inspect RECIPE.yml [--json FILE] [--plot FILE.png]``: will this delta transfer?
+"""``ftt-inspect RECIPE.yml [--json FILE] [--plot FILE.png|.svg|.pdf]``: will this delta transfer?
 
 Reads the recipe mergekit-yaml takes (finetuning_transfer), streams the three models
 tensor by tensor and prints compatibility, weight-space statistics and a verdict, before
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mergekit_ftt.cli import entry_point, library_logs
 from mergekit_ftt.errors import FttError
+from mergekit_ftt.inspect.report import PLOT_FORMATS
 from mergekit_ftt.recipe_file import read_recipe
 
 PROG = "ftt-inspect"
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     parser.add_argument(
-        "--plot", type=Path, metavar="FILE.png", help="write per-layer statistics as a PNG"
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="write per-layer statistics as a plot (.png, .svg or .pdf)",
     )
     parser.add_argument(
         "--transformers-cache", default=None, help="Hugging Face cache folder, as for mergekit-yaml"
@@ -57,8 +61,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _refuse_overwrite(args.json, "--json")
     _refuse_overwrite(args.plot, "--plot")
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise FttError(f"--plot {args.plot}: the plot is a PNG; give a file name ending in .png")
+    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
+        raise FttError(f"--plot {args.plot}: give a file name ending in {', '.join(PLOT_FORMATS)}")
 
     recipe = read_recipe(args.recipe)  # a wrong file is named before mergekit loads
 

@@ -131,15 +131,25 @@ def format_report(report: dict) -> str:
         "D = M_t − M_s (target minus source base)",
         statistics_table(report["statistics"]),
         "",
-        f"Verdict: {verdict['score']:.2f} ({verdict['level']}). {verdict['sentence']}",
+        f"Verdict: {_score(verdict)} ({verdict['level']}). {verdict['sentence']}",
         f"  {verdict['evidence']}",
     ]
     return "\n".join(lines)
 
 
-def plot(report: dict, path: str | Path) -> Path:
+def _score(verdict: dict) -> str:
+    """The score with its uncertainty (the calibration's error on held-out seeds)."""
+    if verdict["value"] is None:
+        return f"{verdict['score']:.2f}"
+    return f"{verdict['score']:.2f} ± {verdict['uncertainty']:.2f}"
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def figure(report: dict):
     """Per layer: ‖Δ‖ and ‖D‖; their ratio for the layer, its attention and its MLP, against
-    the verdict's thresholds; cos(Δ, D). Whole-model values dashed."""
+    the verdict's three bands; cos(Δ, D) on a fixed −1..1 axis. Whole-model values dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,6 +177,13 @@ def plot(report: dict, path: str | Path) -> Path:
     limits = verdict["thresholds"]
     ratio.axhspan(0, limits["likely_below"], color="tab:green", alpha=0.12, label="likely")
     ratio.axhspan(
+        limits["likely_below"],
+        limits["unlikely_above"],
+        color="tab:olive",
+        alpha=0.10,
+        label="partial",
+    )
+    ratio.axhspan(
         limits["unlikely_above"],
         max(limits["unlikely_above"], *[v or 0 for v in series("gap_to_delta")]) * 1.2,
         color="tab:red",
@@ -181,15 +198,25 @@ def plot(report: dict, path: str | Path) -> Path:
     if model["cosine"] is not None:
         cosine.axhline(model["cosine"], ls=":", color="tab:green", lw=1, label="whole model")
     cosine.axhline(0, color="grey", lw=0.5)
+    # Fixed limits: cosines near 1e-3 would otherwise autoscale into what looks like a trend.
+    cosine.set_ylim(-1, 1)
     cosine.set_ylabel("cos(Δ, D)")
     cosine.set_xlabel("layer")
     cosine.legend(fontsize="small")
     cosine.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(
-        f"ftt-inspect: {report['recipe'] or ''}\nverdict {verdict['score']:.2f} "
+        f"ftt-inspect: {report['recipe'] or ''}\nverdict {_score(verdict)} "
         f"({verdict['level']}; thresholds calibrated on the miniature Table 3)"
     )
     fig.tight_layout()
+    return fig
+
+
+def plot(report: dict, path: str | Path) -> Path:
+    """:func:`figure`, written to ``path`` in the format its suffix names (PLOT_FORMATS)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
