@@ -477,6 +477,7 @@ def test_alpha_zero_says_the_weights_are_zero(family, tmp_path):
     assert "every weight α is 0" in verdict["sentence"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("suffix", "magic"), [(".svg", b"<?xml"), (".pdf", b"%PDF")])
 def test_cli_writes_svg_and_pdf_plots(family, tmp_path, suffix, magic):
     recipe = write_recipe(
