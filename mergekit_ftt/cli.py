@@ -58,7 +58,8 @@ def entry_point(prog: str) -> Callable[[Callable[[Sequence[str] | None], int | N
     """Turn ``run(argv) -> int | None`` into a console-script ``main(argv=None) -> int``.
 
     :class:`FttError` becomes ``PROG: error: MESSAGE`` on stderr and exit status 2;
-    Ctrl-C becomes ``PROG: interrupted`` and 130. Anything else is a bug and keeps its
+    Ctrl-C becomes ``PROG: interrupted`` and 130, a closed pipe (``| head``) a quiet 141.
+    Anything else is a bug and keeps its
     traceback.
     """
 
@@ -73,6 +74,11 @@ def entry_point(prog: str) -> Callable[[Callable[[Sequence[str] | None], int | N
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return 130
+            except BrokenPipeError:
+                # The reader (``| head``) has gone: stop quietly, as ``cat`` does. Point
+                # stdout at devnull so the interpreter's final flush does not raise again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 141
 
         return main
 

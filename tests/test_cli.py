@@ -6,6 +6,7 @@ import argparse
 import io
 import logging
 import os
+import subprocess
 import sys
 
 import pytest
@@ -81,3 +82,25 @@ def test_library_logs_go_to_the_file_and_stage_lines_to_the_terminal(tmp_path):
     assert logging.getLogger("transformers").handlers == before  # restored
     with library_logs(log_file, verbose=True) as log:
         assert log is None
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """What `ftt-X … | head -1` does: every command's entry point stops with 141 and no
+    BrokenPipe traceback once the reader has gone."""
+    script = (
+        "from mergekit_ftt.cli import entry_point\n"
+        "@entry_point('ftt-x')\n"
+        "def run(argv):\n"
+        "    for i in range(10**6):\n"
+        "        print('line', i)\n"
+        "raise SystemExit(run([]))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+    )
+    assert process.stdout.readline() == b"line 0\n"
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert stderr == ""
+    assert list(tmp_path.iterdir()) == []
