@@ -19,36 +19,56 @@ from mergekit_ftt import mergekit_adapter
 
 
 def test_other_merge_methods_reach_run_merge_untouched(llama, tmp_path):
-    """A linear merge gets its own configuration and options objects: no preflight, no
-    transfer defaults, no staging folder."""
-    import inspect
-
+    """A real linear merge through the wrapped ``run_merge``: mergekit's own ``run_merge``
+    gets the very configuration and options objects (no transfer defaults), none of the
+    transfer's code runs (no preflight, no staging, no card), and the output is byte for
+    byte what the unwrapped ``run_merge`` writes. A profiler watches the real calls."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    original = run_merge._mergekit_ftt_original  # the hook wrapped it
-    received = {}
+    mergekit_run_merge = getattr(run_merge, mergekit_adapter._MARK)  # the hook wrapped it
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(llama.model("target", 1)), "parameters": {"weight": 0.5}},
+            {"model": str(llama.model("ft_a", 3)), "parameters": {"weight": 0.5}},
+        ],
+    }
+    config = MergeConfiguration.model_validate(recipe)
+    options = MergeOptions(quiet=True)
+    unchanged = options.model_dump()
+    threads = torch.get_num_threads()
+    received, plugin_calls = [], set()
 
-    def run_merge_as_mergekit(merge_config, out_path, options, config_source=None):
-        received.update(config=merge_config, out=out_path, options=options)
+    def watch(frame, event, _argument):
+        if event != "call":
+            return
+        if frame.f_code is mergekit_run_merge.__code__:
+            received.append((frame.f_locals["merge_config"], frame.f_locals["options"]))
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("mergekit_ftt"):
+            plugin_calls.add(f"{module}.{frame.f_code.co_name}")
 
-    run_merge_as_mergekit.__signature__ = inspect.signature(original)
-    config = MergeConfiguration.model_validate(
-        {
-            "merge_method": "linear",
-            "models": [
-                {"model": str(llama.model("target", 1)), "parameters": {"weight": 0.5}},
-                {"model": str(llama.model("ft_a", 3)), "parameters": {"weight": 0.5}},
-            ],
-        }
+    sys.setprofile(watch)
+    try:
+        run_merge(config, str(tmp_path / "wrapped" / "out"), options)
+    finally:
+        sys.setprofile(None)
+    mergekit_run_merge(
+        MergeConfiguration.model_validate(recipe), str(tmp_path / "plain" / "out"), options
     )
-    options = MergeOptions()
-    bound = inspect.signature(original).bind(config, str(tmp_path / "out"), options)
-    mergekit_adapter._checked_run_merge(run_merge_as_mergekit, bound)
-    assert received["config"] is config and received["options"] is options
-    assert received["out"] == str(tmp_path / "out")
-    assert options == MergeOptions()  # the transfer's defaults were not applied
+
+    assert len(received) == 1 and received[0][0] is config and received[0][1] is options
+    assert options.model_dump() == unchanged and torch.get_num_threads() == threads
+    transfer_steps = ("preflight.check_", "merge_options.", "outputs.", "card.")
+    assert not [call for call in plugin_calls if any(s in call for s in transfer_steps)]
+    wrapped, plain = tmp_path / "wrapped" / "out", tmp_path / "plain" / "out"
+    assert sorted(p.name for p in (tmp_path / "wrapped").iterdir()) == ["out"]  # no staging
+    files = sorted(p.name for p in plain.iterdir())
+    assert "README.md" in files and sorted(p.name for p in wrapped.iterdir()) == files
+    for name in files:
+        assert (wrapped / name).read_bytes() == (plain / name).read_bytes(), name
 
 
 def test_rollback_undoes_every_extension():
