@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -35,6 +37,8 @@ from typing import TYPE_CHECKING
 from mergekit_ftt import METHOD_NAME
 
 if TYPE_CHECKING:
+    import torch
+    from mergekit.common import ModelReference
     from mergekit.config import MergeConfiguration
     from mergekit.io.tasks import SaveTensor
     from mergekit.options import MergeOptions
@@ -124,7 +128,7 @@ def _checked_run_merge(run_merge, bound):
         return run_merge(*bound.args, **bound.kwargs)
 
     from mergekit_ftt.merge_options import transfer_options
-    from mergekit_ftt.outputs import StagedOutput, finish_output, holds_finished_merge
+    from mergekit_ftt.outputs import holds_finished_merge
 
     out_path = str(bound.arguments["out_path"])
     # What mergekit writes as mergekit_config.yml: the recipe as the user gave it.
@@ -140,9 +144,21 @@ def _checked_run_merge(run_merge, bound):
         return None
     options = bound.arguments["options"] = transfer_options(config, bound.arguments["options"])
     config = bound.arguments["merge_config"] = check_merge(config, out_path, options)
+
+    def run_merge_into(staging: str):
+        bound.arguments["out_path"] = staging
+        return run_merge(*bound.args, **bound.kwargs)
+
+    return _write_staged(run_merge_into, config, out_path, options)
+
+
+def _write_staged(run_merge_into, config: MergeConfiguration, out_path: str, options):
+    """``run_merge_into(folder)`` writes a checked transfer into a staging folder that
+    becomes ``out_path`` once complete, with the transfer's side files."""
+    from mergekit_ftt.outputs import StagedOutput, finish_output
+
     with StagedOutput(out_path) as staging:
-        bound.arguments["out_path"] = str(staging)
-        result = run_merge(*bound.args, **bound.kwargs)
+        result = run_merge_into(str(staging))
         finish_output(config, str(staging), options, name=Path(out_path).name)
     return result
 
@@ -210,6 +226,117 @@ def plan_save_tasks(config: MergeConfiguration, options: MergeOptions) -> list[S
     planner = MergePlanner(config.model_copy(deep=True), arch_info, options, out_config)
     tasks = planner.plan_to_disk(out_path="unused: the writer task is never run")
     return [task for task in tasks if isinstance(task, SaveTensor)]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A ``finetuning_transfer`` recipe checked by the preflight once and planned by
+    mergekit: what ``mergekit-yaml`` would run, ready to compute in memory or to write.
+
+    ``config`` is the configuration the merge runs (the preflight's precision and paths),
+    ``note`` the preflight's note on that precision (None when it is the recipe's).
+    :meth:`with_weights` plans a variant that differs only in its models' parameters (a
+    sweep's α) without checking the inputs again.
+    """
+
+    recipe: MergeConfiguration
+    config: MergeConfiguration
+    options: MergeOptions
+    note: str | None
+    save_tasks: tuple[SaveTensor, ...]
+
+    def with_weights(self, recipe: MergeConfiguration) -> MergePlan:
+        """The plan of ``recipe``, this plan's recipe with other model parameters: the
+        preflight's result is reused (it changes only merge-wide settings and model paths,
+        never a model's parameters), mergekit resolves the new parameters per tensor."""
+        if _without_model_parameters(recipe) != _without_model_parameters(self.recipe):
+            raise ValueError("with_weights: the recipes differ in more than model parameters")
+        models = [
+            checked.model_copy(update={"parameters": model.parameters})
+            for checked, model in zip(self.config.models or [], recipe.models or [], strict=True)
+        ]
+        config = self.config.model_copy(update={"models": models or self.config.models})
+        tasks = tuple(plan_save_tasks(config, self.options))
+        return MergePlan(recipe, config, self.options, self.note, tasks)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every output tensor, as ``run_merge`` computes them (its
+        executor, devices and output dtype), without writing anything."""
+        from mergekit.common import dtype_from_name
+        from mergekit.graph import Executor
+        from mergekit.io.tasks import ReturnTensor
+
+        saves = {task.tensor_task: task for task in self.save_tasks}
+        # Built without validation: mergekit 0.1.5's ReturnTensor rejects its own merge
+        # task (see plan_save_tasks). SaveTensor's dtype conversion is applied below.
+        targets = [
+            ReturnTensor.model_construct(weight_info=save.tensor_task.output_weight, tensor_task=t)
+            for t, save in saves.items()
+        ]
+        options = self.options
+        executor = Executor(
+            targets,
+            math_device=options.device,
+            storage_device=options.device if options.low_cpu_memory else "cpu",
+        )
+        for target, tensor in executor.run(quiet=True):
+            save = saves[target.tensor_task]
+            if tensor is None:
+                if not save.optional:
+                    raise RuntimeError(f"No value for required tensor {save.tensor_name}")
+                continue
+            if save.dtype:  # as SaveTensor.execute converts before writing
+                tensor = tensor.to(dtype=dtype_from_name(save.dtype))
+            yield save.tensor_name, tensor
+
+    def write(self, out_path: str | Path, config_source: str) -> None:
+        """Write the merge as ``mergekit-yaml`` does (mergekit's own ``run_merge``, staged,
+        with the transfer's side files), without checking the inputs again."""
+        from mergekit import merge
+
+        run_merge = getattr(merge.run_merge, _MARK, merge.run_merge)  # mergekit's own
+
+        def run_merge_into(staging: str) -> None:
+            run_merge(self.config.model_copy(deep=True), staging, self.options, config_source)
+
+        _write_staged(run_merge_into, self.config, str(out_path), self.options)
+
+
+def plan_merge(recipe: MergeConfiguration, options: MergeOptions) -> MergePlan:
+    """Check ``recipe`` with the merge's preflight and plan it (see :class:`MergePlan`)."""
+    from mergekit_ftt.preflight import runnable_config
+
+    config, note = runnable_config(recipe, options)
+    return MergePlan(recipe, config, options, note, tuple(plan_save_tasks(config, options)))
+
+
+def _without_model_parameters(recipe: MergeConfiguration) -> str:
+    models = [model.model_copy(update={"parameters": None}) for model in recipe.models or []]
+    return recipe.model_copy(update={"models": models or recipe.models}).to_yaml()
+
+
+@contextlib.contextmanager
+def loaders_wrapped(
+    models: Iterable[ModelReference], options: MergeOptions, wrap: Callable[[object], object]
+) -> Iterator[dict[ModelReference, object]]:
+    """While active, mergekit reads each of ``models`` in this thread through
+    ``wrap(its loader)``; the wrapped loaders are the context's value.
+
+    mergekit has no public way to put a loader in front of its own: ``LoaderCache`` (one
+    per thread) keeps them in its ``loaders`` dict, which is set here and restored after.
+    """
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    cache.setup(options=options)
+    saved = dict(cache.loaders)
+    wrapped = {model: wrap(cache.get(model)) for model in models}
+    cache.loaders.update(wrapped)
+    try:
+        yield wrapped
+    finally:
+        cache.loaders.clear()
+        cache.loaders.update(saved)
 
 
 def _out_config(config, arch_info, options):

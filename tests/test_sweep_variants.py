@@ -4,6 +4,7 @@ what mergekit writes for the same recipe, from one read of the inputs."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,16 +214,18 @@ def recipes(llama, tied_llama, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def variants_of(recipe_path: Path, alphas, kinds) -> tuple[list[grid.Variant], object]:
+def variants_of(recipe_path: Path, alphas, kinds) -> tuple[list[grid.Variant], build.SweepPlan]:
     recipe = grid.load_recipe(recipe_path)
-    options = build.merge_options()
-    names = [task.tensor_name for task in build.plan(recipe, options)]
-    return grid.make_variants(recipe, alphas, kinds, names), recipe
+    plan = build.SweepPlan(recipe, build.merge_options())
+    names = [task.tensor_name for task in plan.base.save_tasks]
+    return grid.make_variants(recipe, alphas, kinds, names), plan
 
 
-def mergekit_output(variant: grid.Variant, folder: Path) -> dict[str, torch.Tensor]:
+def mergekit_output(
+    plan: build.SweepPlan, variant: grid.Variant, folder: Path
+) -> dict[str, torch.Tensor]:
     """The variant written by mergekit's run_merge (what mergekit-yaml calls)."""
-    build.write_variant(variant, folder, build.merge_options(), variant.to_yaml(Path("x")))
+    plan.write(variant, folder, variant.to_yaml(Path("x")))
     return load_weights(folder)
 
 
@@ -237,18 +240,15 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_in_memory_variants_equal_mergekit_from_one_read(case, recipes, tmp_path):
     alphas, kinds = CASES[case]
-    variants, recipe = variants_of(recipes[case], alphas, kinds)
-    options = build.merge_options()
+    variants, plan = variants_of(recipes[case], alphas, kinds)
     built = {}
-    with build.read_once(recipe.referenced_models(), options) as loaders:
+    with build.read_once(plan.base.recipe.referenced_models(), plan.base.options) as loaders:
         for variant in [*variants, variants[0]]:  # the first again: inputs left intact
-            built.setdefault(variant.label, []).append(
-                dict(build.merged_tensors(variant.recipe, options))
-            )
+            built.setdefault(variant.label, []).append(dict(plan.tensors(variant)))
     for loader in loaders.values():  # every input tensor read from disk exactly once
         assert loader.reads == len(loader.index.tensor_paths)
     for variant in variants:
-        written = mergekit_output(variant, tmp_path / variant.label)
+        written = mergekit_output(plan, variant, tmp_path / variant.label)
         (in_memory, *again) = built[variant.label]
         assert in_memory.keys() == written.keys(), variant.label
         for name, tensor in written.items():
@@ -261,10 +261,9 @@ def test_in_memory_variants_equal_mergekit_from_one_read(case, recipes, tmp_path
 def test_alpha_scales_the_delta_on_the_chosen_tensors(recipes):
     """An independent check of what the variants mean: α = 0 gives the target back
     exactly; mlp@0 is the target on MLP tensors and all@1 everywhere else."""
-    variants, recipe = variants_of(recipes["two_deltas"], [0.0, 1.0], ["mlp"])
-    options = build.merge_options()
-    out = {v.label: dict(build.merged_tensors(v.recipe, options)) for v in variants}
-    target = load_weights(Path(str(recipe.base_model.model.path)))
+    variants, plan = variants_of(recipes["two_deltas"], [0.0, 1.0], ["mlp"])
+    out = {v.label: dict(plan.tensors(v)) for v in variants}
+    target = load_weights(Path(str(plan.base.recipe.base_model.model.path)))
     for name, tensor in out["all@0"].items():
         assert torch.equal(tensor, target[name]), name
     for name, tensor in out["mlp@0"].items():
@@ -275,34 +274,31 @@ def test_alpha_scales_the_delta_on_the_chosen_tensors(recipes):
 
 
 def test_planned_weights_are_checked(recipes):
-    variants, recipe = variants_of(recipes["tied_filtered"], [0.5], ["attention"])
-    options = build.merge_options()
-    base_plan = build.plan(recipe, options)
-    unscaled = build.planned_weights(base_plan)
-    scaled = [str(recipe.models[0].model)]
+    variants, plan = variants_of(recipes["tied_filtered"], [0.5], ["attention"])
+    unscaled = build.planned_weights(plan.base.save_tasks)
+    scaled = [str(plan.base.recipe.models[0].model)]
     for variant in variants:
-        build.check_planned_weights(variant, unscaled, scaled, options)
+        plan.check_weights(variant, scaled)
     # The gradient inside the filtered weights is kept: layer 0 and 1 of self_attn differ.
     attention = {k: v for k, v in unscaled.items() if ".self_attn." in k[0]}
     assert sorted(set(attention.values())) == [0.0, 1.0]
     wrong = grid.Variant("mlp", 0.5, variants[1].recipe)  # attention@0.5 claimed as mlp
     with pytest.raises(FttError, match=r"variant mlp@0.5: mergekit would give .* weight"):
-        build.check_planned_weights(wrong, unscaled, scaled, options)
+        plan.check_weights(wrong, scaled)
 
 
 @pytest.mark.slow
 def test_recipes_run_by_mergekit_yaml_equal_the_in_memory_variants(recipes, tmp_path):
     """The recipe files a sweep writes, run by the real mergekit-yaml."""
-    options = build.merge_options()
     for case, kind, alpha in (("two_deltas", "embeddings", 1.25), ("tied_filtered", "mlp", 1.5)):
-        variants, _ = variants_of(recipes[case], [alpha], [kind])
+        variants, plan = variants_of(recipes[case], [alpha], [kind])
         variant = next(v for v in variants if v.kind == kind)
         recipe_file = tmp_path / f"{variant.label}.yml"
         recipe_file.write_text(variant.to_yaml(recipes[case]))
         result = run_cli("mergekit-yaml", str(recipe_file), str(tmp_path / variant.label))
         assert result.returncode == 0, result.stderr
         written = load_weights(tmp_path / variant.label)
-        in_memory = dict(build.merged_tensors(variant.recipe, options))
+        in_memory = dict(plan.tensors(variant))
         assert written.keys() == in_memory.keys()
         assert all(torch.equal(in_memory[n], t) for n, t in written.items()), case
 
@@ -313,13 +309,12 @@ def test_in_memory_model_is_what_from_pretrained_loads(case, recipes, tmp_path):
     equal those transformers loads from mergekit's output folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    variants, recipe = variants_of(recipes[case], [1.5], [])
+    variants, plan = variants_of(recipes[case], [1.5], [])
     (variant,) = variants
-    options = build.merge_options()
     written = tmp_path / "written"
-    mergekit_output(variant, written)
+    mergekit_output(plan, variant, written)
     files = tmp_path / "files"
-    build.write_model_files(recipe, files, options)
+    plan.write_model_files(files)
     for name in (
         "config.json",
         "generation_config.json",
@@ -331,7 +326,7 @@ def test_in_memory_model_is_what_from_pretrained_loads(case, recipes, tmp_path):
                 (written / name).read_text()
             )
     model = build.InMemoryModel(files, "cpu", "float32", trust_remote_code=False)
-    model.load(build.merged_tensors(variant.recipe, options))
+    model.load(plan.tensors(variant))
     loaded = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32)
     expected = loaded.state_dict()
     actual = model.model.state_dict()
@@ -343,21 +338,43 @@ def test_in_memory_model_is_what_from_pretrained_loads(case, recipes, tmp_path):
     assert model.tokenizer.chat_template == tokenizer.chat_template
 
 
-def test_the_preflight_checks_a_sweep_once(recipes):
+def test_the_preflight_checks_a_sweep_once(recipes, tmp_path):
     """Variants differ only in weights: the preflight (which reads every checkpoint's
-    headers) runs for the recipe once, and each variant reuses its result."""
-    build._CHECKED.clear()
-    variants, _ = variants_of(recipes["two_deltas"], [0.0, 0.5, 1.0], ["mlp"])
-    options = build.merge_options()
-    plans = [build.plan(variant.recipe, options) for variant in variants]
-    assert len(build._CHECKED) == 1
-    weights = [build.planned_weights(plan) for plan in plans]
+    headers) runs once per sweep, and each variant is planned by mergekit once, for the
+    check of its weights, its tensors and its folder alike. A profiler counts the real
+    calls."""
+    from mergekit_ftt import mergekit_adapter, preflight
+
+    watched = {
+        preflight.check_inputs.__code__: "preflight",
+        mergekit_adapter.plan_save_tasks.__code__: "plan",
+    }
+    calls = []
+
+    def watch(frame, event, _argument):
+        if event == "call" and frame.f_code in watched:
+            calls.append(watched[frame.f_code])
+
+    sys.setprofile(watch)
+    try:
+        variants, plan = variants_of(recipes["two_deltas"], [0.0, 0.5, 1.0], ["mlp"])
+        scaled = [str(model.model) for model in plan.base.recipe.models[:2]]  # ft_a, ft_b
+        for variant in variants:
+            plan.check_weights(variant, scaled)
+            dict(plan.tensors(variant))
+        mergekit_output(plan, variants[1], tmp_path / "written")
+    finally:
+        sys.setprofile(None)
+    assert calls.count("preflight") == 1
+    assert calls.count("plan") == 1 + len(variants)  # the recipe's, then one per variant
+    weights = [build.planned_weights(plan.variant(v).save_tasks) for v in variants]
     assert weights[0] != weights[1]  # each variant still gets its own weights
 
 
 def test_a_sweep_over_a_stored_delta_equals_mergekit(llama, tmp_path):
     """A recipe with `role: delta` (a folder from ftt-delta extract): each variant built in
-    memory equals the one mergekit-yaml writes, bit for bit."""
+    memory, and each written to disk by the sweep, equals the one the real mergekit-yaml
+    command writes from the variant's recipe file, bit for bit."""
     delta = tmp_path / "delta"
     extracted = run_cli(
         "ftt-delta", "extract", str(delta), "--finetuned", str(llama.model("ft_a", 3)),
@@ -375,12 +392,17 @@ def test_a_sweep_over_a_stored_delta_equals_mergekit(llama, tmp_path):
             }
         )
     )
-    variants, recipe = variants_of(recipe_path, [0.5, 1.5], ["mlp"])
-    options = build.merge_options()
-    plan = build.memory_plan(recipe, options, "auto", "hf", "cpu", 4)
-    assert plan.input_bytes > 0
+    variants, plan = variants_of(recipe_path, [0.5, 1.5], ["mlp"])
+    memory = build.memory_plan(plan.base.recipe, plan.base.options, "auto", "hf", "cpu", 4)
+    assert memory.input_bytes > 0
     for variant in variants[:2]:
-        written = mergekit_output(variant, tmp_path / variant.label)
-        in_memory = dict(build.merged_tensors(variant.recipe, options))
+        variant_recipe = tmp_path / f"{variant.label}.yml"
+        variant_recipe.write_text(variant.to_yaml(recipe_path))
+        result = run_cli("mergekit-yaml", str(variant_recipe), str(tmp_path / variant.label))
+        assert result.returncode == 0, result.stderr
+        written = load_weights(tmp_path / variant.label)
+        in_memory = dict(plan.tensors(variant))
         assert written.keys() == in_memory.keys()
         assert all(torch.equal(in_memory[n], t) for n, t in written.items()), variant.label
+        on_disk = mergekit_output(plan, variant, tmp_path / f"disk-{variant.label}")
+        assert all(torch.equal(on_disk[n], t) for n, t in written.items()), variant.label

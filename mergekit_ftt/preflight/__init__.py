@@ -62,6 +62,7 @@ __all__ = [
     "read_checkpoint",
     "referenced_models",
     "refuse_in_other_methods",
+    "runnable_config",
 ]
 
 
@@ -71,10 +72,19 @@ def check_merge(
     """Return the configuration of a ``finetuning_transfer`` recipe to merge, or raise
     :class:`FinetuningTransferError`."""
     check_output_path(out_path)
+    config, precision_note = runnable_config(config, options)
+    if precision_note:
+        note(precision_note, options)
+    return config
+
+
+def runnable_config(
+    config: MergeConfiguration, options: MergeOptions
+) -> tuple[MergeConfiguration, str | None]:
+    """The input checks of :func:`check_merge`: the configuration to merge and the note on
+    its precision (None when it is the recipe's), or :class:`FinetuningTransferError`."""
     inputs = check_inputs(config, options)
-    if inputs.precision_note:
-        note(inputs.precision_note, options)
-    return card_safe_paths(inputs.config)
+    return card_safe_paths(inputs.config), inputs.precision_note
 
 
 class TransferInputs(NamedTuple):

@@ -1,30 +1,29 @@
 """The variants' weights, from one read of the inputs, through mergekit's own plan.
 
-Every variant is planned by mergekit's ``MergePlanner`` from its recipe and executed by
-mergekit's ``Executor``, so each output tensor comes out of the same
-``finetuning_transfer`` kernel that ``mergekit-yaml`` runs on that recipe, bit for bit.
-What changes is where the inputs come from and where the outputs go:
+:class:`SweepPlan` checks the recipe with the merge's preflight once and has each variant
+planned by mergekit's ``MergePlanner`` once (through :mod:`mergekit_ftt.mergekit_adapter`),
+so each output tensor comes out of the same ``finetuning_transfer`` kernel that
+``mergekit-yaml`` runs on that variant's recipe, bit for bit. What changes is where the
+inputs come from and where the outputs go:
 
 - :func:`read_once` puts a caching loader in front of each input in mergekit's
   ``LoaderCache``: the first variant reads a tensor from disk, every later variant gets
   the same tensor from memory, so the checkpoints are read once per sweep.
 - :class:`InMemoryModel`: one transformers model for the whole sweep; each variant's
-  tensors are copied into it as the executor yields them, and lm-eval's hf backend gets
-  the model object. No variant is written to disk.
-- :func:`write_variant`: mergekit's ``run_merge`` (with this package's checks and
-  generation config) writes a variant to a folder, for vLLM or a model that does not fit
-  in memory; the caller deletes it after evaluation.
-- :func:`write_model_files`: what ``mergekit-yaml`` writes besides the weights (config,
-  tokenizer, generation config), once per sweep, for the in-memory model.
+  tensors (:meth:`SweepPlan.tensors`) are copied into it as mergekit's executor yields
+  them, and lm-eval's hf backend gets the model object. No variant is written to disk.
+- :meth:`SweepPlan.write`: mergekit's ``run_merge`` writes a variant to a folder, for vLLM
+  or a model that does not fit in memory; the caller deletes it after evaluation.
+- :meth:`SweepPlan.write_model_files`: what ``mergekit-yaml`` writes besides the weights
+  (config, tokenizer, generation config), once per sweep, for the in-memory model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +39,8 @@ if TYPE_CHECKING:
     from mergekit.io.tasks import SaveTensor
     from mergekit.options import MergeOptions
 
+    from mergekit_ftt.mergekit_adapter import MergePlan
+
 
 def merge_options(trust_remote_code: bool = False) -> MergeOptions:
     """mergekit-yaml's defaults, quiet (the sweep draws its own progress)."""
@@ -48,58 +49,66 @@ def merge_options(trust_remote_code: bool = False) -> MergeOptions:
     return MergeOptions(quiet=True, trust_remote_code=trust_remote_code)
 
 
-# Recipes checked by the preflight, by the recipe without its per-model weights and the
-# options: a sweep's variants differ only in weights, so the preflight (which reads every
-# checkpoint's headers) runs once per sweep, not once per variant.
-_CHECKED: dict[str, tuple[MergeConfiguration, str]] = {}
+class SweepPlan:
+    """The recipe checked by the merge's preflight once and planned by mergekit
+    (:class:`mergekit_ftt.mergekit_adapter.MergePlan`), and each variant's plan, made once
+    from it: variants differ only in weights, so the preflight (which reads every
+    checkpoint's headers) runs once per sweep, and a variant planned to check its weights
+    is the plan that later builds it, in memory or on disk."""
 
+    def __init__(self, recipe: MergeConfiguration, options: MergeOptions) -> None:
+        from mergekit_ftt.mergekit_adapter import plan_merge
 
-def runnable(recipe: MergeConfiguration, options: MergeOptions) -> tuple[MergeConfiguration, str]:
-    """The configuration ``mergekit-yaml`` runs for ``recipe``, and the preflight's note.
+        self.base = plan_merge(recipe, options)
+        self._variants: dict[str, MergePlan] = {}
 
-    This package's ``run_merge`` hook checks every merge with the preflight, which may also
-    change its precision (:mod:`mergekit_ftt.precision`: merge at a dtype that holds every
-    input, round once to the recipe's). The same check here keeps in-memory variants equal
-    to written ones. Its note (printed by the hook) is returned instead, to be shown once.
-    The preflight changes only merge-wide settings and model paths, never a model's
-    parameters, so a variant's configuration is the checked recipe with its own weights.
-    """
-    from mergekit_ftt.preflight import check_merge
+    @property
+    def note(self) -> str | None:
+        """The preflight's note on the merge's precision, to be shown once."""
+        return self.base.note
 
-    key = _without_weights(recipe) + options.model_dump_json()
-    if key not in _CHECKED:
-        note = io.StringIO()
-        with contextlib.redirect_stderr(note):
-            # os.devnull: no output folder to check, only the merge itself.
-            config = check_merge(recipe.model_copy(deep=True), os.devnull, options)
-        _CHECKED[key] = config, note.getvalue().strip()
-    checked, note = _CHECKED[key]
-    models = [
-        checked_model.model_copy(update={"parameters": model.parameters})
-        for checked_model, model in zip(checked.models or [], recipe.models or [], strict=True)
-    ]
-    return checked.model_copy(update={"models": models or checked.models}), note
+    def variant(self, variant: Variant) -> MergePlan:
+        if variant.label not in self._variants:
+            self._variants[variant.label] = self.base.with_weights(variant.recipe)
+        return self._variants[variant.label]
 
+    def check_weights(self, variant: Variant, scaled_models: Iterable[str]) -> None:
+        """Check that mergekit resolves the intended weight everywhere in ``variant``: α ×
+        the recipe's weight on the scaled inputs of the variant's tensors, the recipe's
+        weight elsewhere. A mismatch means a filter selected the wrong tensors."""
+        unscaled = planned_weights(self.base.save_tasks)
+        scaled_models = set(scaled_models)
+        for (tensor, model), weight in planned_weights(self.variant(variant).save_tasks).items():
+            original = unscaled[tensor, model]
+            in_variant = variant.kind == ALL or module_kind(tensor) == variant.kind
+            scaled = in_variant and model in scaled_models
+            expected = original * variant.alpha if scaled else original
+            if not math.isclose(weight, expected, rel_tol=1e-9, abs_tol=1e-12):
+                raise FttError(
+                    f"variant {variant.label}: mergekit would give {tensor} of {model} weight "
+                    f"{weight}, not {expected}; the recipe's filters select other tensors "
+                    "than intended. Please report this with the recipe."
+                )
 
-def _without_weights(recipe: MergeConfiguration) -> str:
-    models = [
-        model.model_copy(
-            update={
-                "parameters": {k: v for k, v in (model.parameters or {}).items() if k != "weight"}
-            }
-        )
-        for model in recipe.models or []
-    ]
-    return recipe.model_copy(update={"models": models or recipe.models}).to_yaml()
+    def tensors(self, variant: Variant) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every output tensor of ``variant``, as mergekit-yaml computes
+        them, without writing anything."""
+        return self.variant(variant).tensors()
 
+    def write(self, variant: Variant, folder: Path, recipe_text: str) -> None:
+        """The variant written by mergekit's ``run_merge`` as ``mergekit-yaml`` writes it
+        (staged, with the transfer's side files); the caller deletes it after evaluation."""
+        self.variant(variant).write(folder, recipe_text)
 
-def plan(recipe: MergeConfiguration, options: MergeOptions) -> list[SaveTensor]:
-    """mergekit's plan of ``recipe`` as ``mergekit-yaml`` runs it (see :func:`runnable`):
-    one ``SaveTensor`` per output tensor (the writer task they name is never run here)."""
-    from mergekit_ftt.mergekit_adapter import plan_save_tasks
+    def write_model_files(self, folder: Path) -> None:
+        """What ``mergekit-yaml`` writes besides the weights: the output config, the
+        tokenizer, tag-along files, the model card and the generation config, through the
+        same functions ``run_merge`` calls, on the configuration it runs."""
+        from mergekit_ftt.mergekit_adapter import write_side_files
+        from mergekit_ftt.outputs import finish_output
 
-    config, _ = runnable(recipe, options)
-    return plan_save_tasks(config, options)
+        write_side_files(self.base.config, folder, self.base.options)
+        finish_output(self.base.config, str(folder), self.base.options)
 
 
 def planned_weights(tasks: Iterable[SaveTensor]) -> dict[tuple[str, str], float]:
@@ -110,28 +119,6 @@ def planned_weights(tasks: Iterable[SaveTensor]) -> dict[tuple[str, str], float]
             if "weight" in parameters:
                 weights[task.tensor_name, str(model)] = parameters["weight"]
     return weights
-
-
-def check_planned_weights(
-    variant: Variant,
-    unscaled: Mapping[tuple[str, str], float],
-    scaled_models: Iterable[str],
-    options: MergeOptions,
-) -> None:
-    """Plan ``variant`` and check that mergekit resolves the intended weight everywhere:
-    α × the recipe's weight on the scaled inputs of the variant's tensors, the recipe's
-    weight elsewhere. A mismatch means a filter selected the wrong tensors."""
-    scaled_models = set(scaled_models)
-    for (tensor, model), weight in planned_weights(plan(variant.recipe, options)).items():
-        original = unscaled[tensor, model]
-        in_variant = variant.kind == ALL or module_kind(tensor) == variant.kind
-        expected = original * variant.alpha if in_variant and model in scaled_models else original
-        if not math.isclose(weight, expected, rel_tol=1e-9, abs_tol=1e-12):
-            raise FttError(
-                f"variant {variant.label}: mergekit would give {tensor} of {model} weight "
-                f"{weight}, not {expected}; the recipe's filters select other tensors than "
-                "intended. Please report this with the recipe."
-            )
 
 
 # --- reading the inputs once ------------------------------------------------------------
@@ -175,80 +162,14 @@ class CachingLoader:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-@contextlib.contextmanager
 def read_once(
     models: Iterable[ModelReference], options: MergeOptions
-) -> Iterator[dict[ModelReference, CachingLoader]]:
-    """While active, every mergekit merge in this process reads ``models`` through
+) -> contextlib.AbstractContextManager[dict[ModelReference, CachingLoader]]:
+    """While active, every mergekit merge in this thread reads ``models`` through
     :class:`CachingLoader`: each input tensor comes from disk once."""
-    from mergekit.io.tasks import LoaderCache
+    from mergekit_ftt.mergekit_adapter import loaders_wrapped
 
-    cache = LoaderCache()
-    cache.setup(options=options)
-    saved = dict(cache.loaders)
-    loaders = {model: CachingLoader(cache.get(model)) for model in models}
-    cache.loaders.update(loaders)
-    try:
-        yield loaders
-    finally:
-        cache.loaders.clear()
-        cache.loaders.update(saved)
-
-
-def merged_tensors(
-    recipe: MergeConfiguration, options: MergeOptions
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every output tensor of ``recipe``, as mergekit-yaml computes them
-    (its executor, devices and output dtype), without writing anything."""
-    from mergekit.common import dtype_from_name
-    from mergekit.graph import Executor
-    from mergekit.io.tasks import ReturnTensor
-
-    saves = {task.tensor_task: task for task in plan(recipe, options)}
-    # ReturnTensor built without validation (see plan); SaveTensor's own conversion below.
-    targets = [
-        ReturnTensor.model_construct(weight_info=save.tensor_task.output_weight, tensor_task=task)
-        for task, save in saves.items()
-    ]
-    executor = Executor(
-        targets,
-        math_device=options.device,
-        storage_device=options.device if options.low_cpu_memory else "cpu",
-    )
-    for target, tensor in executor.run(quiet=True):
-        save = saves[target.tensor_task]
-        if tensor is None:
-            if not save.optional:
-                raise RuntimeError(f"No value for required tensor {save.tensor_name}")
-            continue
-        if save.dtype:  # as SaveTensor.execute converts before writing
-            tensor = tensor.to(dtype=dtype_from_name(save.dtype))
-        yield save.tensor_name, tensor
-
-
-# --- files and folders ---------------------------------------------------------------------
-
-
-def write_model_files(recipe: MergeConfiguration, folder: Path, options: MergeOptions) -> None:
-    """What ``mergekit-yaml`` writes for ``recipe`` besides the weights: the output config,
-    the tokenizer, tag-along files, the model card and the generation config, through the
-    same functions ``run_merge`` calls, on the configuration it runs (:func:`runnable`)."""
-    from mergekit_ftt.mergekit_adapter import write_side_files
-    from mergekit_ftt.outputs import finish_output
-
-    recipe, _ = runnable(recipe, options)
-    write_side_files(recipe, folder, options)
-    finish_output(recipe, str(folder), options)
-
-
-def write_variant(variant: Variant, folder: Path, options: MergeOptions, recipe_text: str) -> None:
-    """The variant written by mergekit's ``run_merge``, as ``mergekit-yaml`` writes it."""
-    from mergekit_ftt.mergekit_adapter import extend_all
-
-    extend_all()  # run_merge checked and staged in interpreters without the .pth hook
-    from mergekit.merge import run_merge
-
-    run_merge(variant.recipe.model_copy(deep=True), str(folder), options, recipe_text)
+    return loaders_wrapped(models, options, CachingLoader)
 
 
 # --- one model in memory for the whole sweep ---------------------------------------------

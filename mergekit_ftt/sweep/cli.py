@@ -150,16 +150,14 @@ class Sweep:
         recipe = load_recipe(self.args.recipe)
         self.merge_options = build.merge_options(self.options.trust_remote_code)
         self.stages(f"planning the variants of {self.args.recipe} with mergekit")
-        _, note = build.runnable(recipe, self.merge_options)
-        if note:
-            self.stages(note)
-        base_plan = build.plan(recipe, self.merge_options)
-        names = [task.tensor_name for task in base_plan]
+        self.plan = build.SweepPlan(recipe, self.merge_options)
+        if self.plan.note:
+            self.stages(self.plan.note)
+        names = [task.tensor_name for task in self.plan.base.save_tasks]
         variants = grid.make_variants(recipe, alphas, kinds, names)
-        unscaled = build.planned_weights(base_plan)
         scaled = [str(recipe.models[i].model) for i in scaled_inputs(recipe)]
         for variant in variants:
-            build.check_planned_weights(variant, unscaled, scaled, self.merge_options)
+            self.plan.check_weights(variant, scaled)
         self.recipe = recipe
         return variants
 
@@ -223,19 +221,18 @@ class Sweep:
 
         if self.model is None:  # one model for the whole sweep, made when first needed
             files = self.out / "model_files"
-            build.write_model_files(self.recipe, files, self.merge_options)
+            self.plan.write_model_files(files)
             self.model = build.InMemoryModel(
                 files, self.hf_args["device"], self.hf_args["dtype"], self.options.trust_remote_code
             )
-        self.model.load(build.merged_tensors(variant.recipe, self.merge_options))
+        self.model.load(self.plan.tensors(variant))
         return {"pretrained": self.model.model, "tokenizer": self.model.tokenizer}
 
     def _write(self, variant: Variant) -> dict:
-        from mergekit_ftt.sweep import build
 
         folder = self.scratch / variant.label
         text = (self.recipes / f"{variant.label}.yml").read_text(encoding="utf-8")
-        build.write_variant(variant, folder, self.merge_options, text)
+        self.plan.write(variant, folder, text)
         return {"pretrained": str(folder)}
 
     def _evaluate(self, variant: Variant) -> None:
