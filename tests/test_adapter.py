@@ -3,17 +3,13 @@ and outputs that exist only once complete."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import OFFLINE_ENV, load_weights, merge, run_cli, transfer_recipe
+from helpers import OFFLINE_ENV, merge, transfer_recipe
 
 from mergekit_ftt import mergekit_adapter
 
@@ -99,45 +95,6 @@ def models(llama) -> tuple[Path, Path, Path]:
 
 def staging_of(out: Path) -> Path:
     return out.with_name(f".{out.name}.incomplete")
-
-
-@pytest.mark.slow
-def test_a_killed_merge_leaves_nothing_that_looks_complete(models, tmp_path):
-    target, base, ft = models
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump(transfer_recipe(target, [(ft, 0.5)], base)))
-    out = tmp_path / "out"
-    command = ["mergekit-yaml", str(recipe), str(out), "--out-shard-size", "2K"]
-    process = subprocess.Popen(
-        command, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    while not staging_of(out).exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read()
-    assert not out.exists()  # only the staging folder, hidden, was ever written to
-
-    rerun = run_cli(*command)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"removing {staging_of(out)}, left by an interrupted run" in rerun.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yml"]
-
-    (tmp_path / "b").mkdir()
-    straight, straight_out = merge(transfer_recipe(target, [(ft, 0.5)], base), tmp_path / "b")
-    assert straight.returncode == 0, straight.stderr
-    rerun_weights, straight_weights = load_weights(out), load_weights(straight_out)
-    assert rerun_weights.keys() == straight_weights.keys()
-    for name, tensor in straight_weights.items():
-        assert torch.equal(rerun_weights[name], tensor), name
-
-    again = run_cli(*command)
-    assert again.returncode == 0, again.stderr
-    assert again.stderr.endswith(
-        f"mergekit-ftt: {out} is complete: it holds this recipe's finished merge (its "
-        "mergekit_config.yml matches); nothing to do. Delete the folder to merge again.\n"
-    )
 
 
 def test_an_output_folder_with_files_is_not_written_into(models, tmp_path):

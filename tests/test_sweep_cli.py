@@ -219,3 +219,38 @@ def test_out_holding_another_recipes_sweep_is_refused(recipe, task_dir, tmp_path
     assert [p.name for p in (out / "recipes").iterdir()] == ["all@0.5.yml"]  # nothing written
     assert (out / "recipes" / "all@0.5.yml").read_text() == "merge_method: finetuning_transfer\n"
     assert not (out / "eval").exists()
+
+
+@pytest.mark.slow
+def test_sweep_over_a_stored_delta_runs_alike_in_memory_and_on_disk(llama, task_dir, tmp_path):
+    """``ftt-sweep`` on a recipe with `role: delta` (it used to end in a traceback): both
+    builds evaluate the same models (mergekit-yaml equality: test_sweep_variants.py)."""
+    delta = tmp_path / "delta"
+    extracted = run_cli(
+        "ftt-delta", "extract", str(delta), "--finetuned", str(llama.model("ft_a", 3)),
+        "--base", str(llama.model("source_base", 2)), "--no-source-hash",
+    )  # fmt: skip
+    assert extracted.returncode == 0, extracted.stderr
+    recipe = tmp_path / "delta.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "finetuning_transfer",
+                "base_model": str(llama.model("target", 1)),
+                "dtype": "bfloat16",
+                "models": [{"model": str(delta), "parameters": {"role": "delta"}}],
+            }
+        )
+    )
+    out = tmp_path / "sweep"
+    args = ["ftt-sweep", *sweep_args(recipe, out, task_dir, "--limit", "6")]
+    in_memory = run_cli(*args)
+    assert in_memory.returncode == 0, in_memory.stderr
+    assert in_memory.stdout.count("built in memory in") == 3
+    measured = {label: loglikelihoods(out / "eval" / label) for label in results_files(out)}
+    on_disk = run_cli(*args, "--force", "--build", "disk")
+    assert on_disk.returncode == 0, on_disk.stderr
+    assert on_disk.stdout.count("written by mergekit in") == 3
+    for label, expected in measured.items():
+        assert loglikelihoods(out / "eval" / label) == expected, label
+    assert len({str(v) for v in measured.values()}) == 3  # α changes the model

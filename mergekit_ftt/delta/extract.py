@@ -37,6 +37,7 @@ from mergekit_ftt.delta.format import (
     TensorInfo,
     VerifiedFiles,
     is_delta_folder,
+    read_config,
 )
 from mergekit_ftt.delta.options import ExtractOptions
 from mergekit_ftt.delta.plan import Plan, plan_extraction
@@ -80,6 +81,10 @@ def extract(
     plan = plan_extraction(ft_model, base_model)
     source_dtype = _float_dtype(ft_model, plan)
     encoding = encoding_for(options, source_dtype)
+    if is_delta_folder(out) and not options.overwrite:
+        finished = _finished_extraction(out, ft_model, base_model, encoding)
+        progress(f"{out} is complete: it holds this delta; nothing to do (--overwrite redoes it)")
+        return finished
     with StagedOutput(out, replace=options.overwrite) as staging:
         staging.mkdir()
         tensors, files = _extract_tensors(
@@ -115,13 +120,34 @@ def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DeltaError(f"{out} is a file; give a folder for the delta.")
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
+        if not overwrite and not is_delta_folder(out):  # a delta: _finished_extraction
             raise DeltaError(f"{out} is not empty; choose a new folder or pass --overwrite.")
         if not is_delta_folder(out):
             raise DeltaError(
                 f"{out} is not empty and holds no delta; --overwrite only replaces a delta "
                 "folder. Choose a new folder."
             )
+
+
+def _finished_extraction(
+    out: Path, finetuned: Source, base: Source, encoding: Encoding
+) -> DeltaConfig:
+    """The config of the delta folder ``out`` if an earlier run of this extraction wrote
+    it (same models, same encoding; a folder appears only once complete), else refuse."""
+    existing = read_config(out)
+    same = (
+        (existing.finetuned.model, existing.finetuned.revision)
+        == (finetuned.describe("", False).model, finetuned.reference.model.revision)
+        and (existing.base.model, existing.base.revision)
+        == (base.describe("", False).model, base.reference.model.revision)
+        and existing.encoding == encoding
+    )
+    if not same:
+        raise DeltaError(
+            f"{out} holds another delta ({existing.finetuned.model} − {existing.base.model}, "
+            f"{existing.encoding.kind}); choose a new folder or pass --overwrite."
+        )
+    return existing
 
 
 def _float_dtype(model: Source, plan: Plan, which: int = 0) -> str:
