@@ -35,8 +35,9 @@ def _disable(module_name: str, error: BaseException) -> None:
 
     rollback()  # never raises
     version = getattr(sys.modules.get("mergekit"), "__version__", "")
+    kind = type(error).__name__
     print(
-        f"mergekit-ftt: warning: could not extend {module_name} ({type(error).__name__}: "
+        f"mergekit-ftt: warning: could not extend {module_name} ({kind}: "
         f"{error}); finetuning_transfer is unavailable and mergekit{' ' + version if version else ''}"
         f" runs without it. mergekit-ftt supports {SUPPORTED_MERGEKIT}.",
         file=sys.stderr,
