@@ -31,10 +31,10 @@ def _disable(module_name: str, error: BaseException) -> None:
         return
     _disabled = True
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _MergekitFinder)]
-    from mergekit_ftt.mergekit_adapter import SUPPORTED_MERGEKIT, rollback
+    from mergekit_ftt.mergekit_adapter import SUPPORTED_MERGEKIT, installed_mergekit, rollback
 
     rollback()  # never raises
-    version = getattr(sys.modules.get("mergekit"), "__version__", "")
+    version = installed_mergekit() or ""
     kind = type(error).__name__
     print(
         f"mergekit-ftt: warning: could not extend {module_name} ({kind}: "

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from mergekit.io.tasks import SaveTensor
     from mergekit.options import MergeOptions
 
-SUPPORTED_MERGEKIT = "mergekit==0.1.5"
+SUPPORTED_VERSION = "0.1.5"
+SUPPORTED_MERGEKIT = f"mergekit=={SUPPORTED_VERSION}"
 # The attribute that marks what the adapter installed, so that each step runs once and
 # rollback finds the original.
 _MARK = "_mergekit_ftt_original"
@@ -180,7 +181,39 @@ EXTENSIONS = {
 
 def extend(module_name: str, module: ModuleType) -> None:
     """Extend one mergekit module; each extension is applied once, however often asked."""
+    _check_version()
     EXTENSIONS[module_name](module)
+
+
+def installed_mergekit() -> str | None:
+    """The installed mergekit's version (mergekit 0.1.5 has no ``__version__``)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("mergekit")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+_version_checked = False
+
+
+def _check_version() -> None:
+    """One warning per process when mergekit is not the release the extensions were
+    written against. They still run: each rests on a symbol that a step failing to find
+    makes the hook roll every extension back (:func:`rollback`)."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    found = installed_mergekit()
+    if found is not None and found != SUPPORTED_VERSION:
+        print(
+            f"mergekit-ftt: warning: mergekit {found} is installed; mergekit-ftt extends the "
+            f"internals of {SUPPORTED_MERGEKIT}, which another release may change. If a "
+            f"finetuning_transfer merge fails, install {SUPPORTED_MERGEKIT}.",
+            file=sys.stderr,
+        )
 
 
 def extend_all() -> None:

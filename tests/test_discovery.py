@@ -211,3 +211,29 @@ def test_wheel_install_registers_through_pth(tmp_path):
     )
     # Without PYTHONPATH, so that a checkout on it cannot stand in for the wheel.
     assert python_says(python, code, PYTHONPATH=None) == "True finetuning_transfer"
+
+
+def test_another_mergekit_release_gets_one_warning_and_the_method(tmp_path):
+    """The installed mergekit's version as its metadata says (a dist-info ahead of the real
+    one on the path): another release is warned about once, and the plugin still runs."""
+    info = tmp_path / "mergekit-0.2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mergekit\nVersion: 0.2.0\n")
+    code = (
+        "import mergekit.merge_methods as m, mergekit.merge, mergekit.common;"
+        "print([x.spec.name for x in m.registered_methods()].count('finetuning_transfer'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**OFFLINE_ENV, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("mergekit-ftt")]
+    assert warnings == [
+        "mergekit-ftt: warning: mergekit 0.2.0 is installed; mergekit-ftt extends the internals "
+        "of mergekit==0.1.5, which another release may change. If a finetuning_transfer merge "
+        "fails, install mergekit==0.1.5."
+    ]
