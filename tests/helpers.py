@@ -129,3 +129,23 @@ def reference(
 def nothing_written(out: Path) -> bool:
     """The output folder was not created, or is still empty."""
     return not out.exists() or not any(out.iterdir())
+
+
+def stored_delta_recipe(family: TinyFamily, folder: Path) -> Path:
+    """``folder/delta`` extracted by ``ftt-delta extract`` (ft_a − source_base) and
+    ``folder/delta.yml``, a recipe that applies it to the target with `role: delta`."""
+    delta = folder / "delta"
+    extracted = run_cli(
+        "ftt-delta", "extract", str(delta), "--finetuned", str(family.model("ft_a", 3)),
+        "--base", str(family.model("source_base", 2)), "--no-source-hash",
+    )  # fmt: skip
+    assert extracted.returncode == 0, extracted.stderr
+    recipe = {
+        "merge_method": "finetuning_transfer",
+        "base_model": str(family.model("target", 1)),
+        "dtype": "bfloat16",
+        "models": [{"model": str(delta), "parameters": {"role": "delta", "weight": 1.0}}],
+    }
+    path = folder / "delta.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

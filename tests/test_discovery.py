@@ -153,20 +153,27 @@ def test_moved_registry_symbol_disables_the_plugin_and_mergekit_merges(llama, tm
 
 def test_moved_run_merge_unregisters_the_method_with_one_warning(tmp_path):
     fake = moved_symbol_mergekit(tmp_path / "fake", "def run_merge(", "def run(")
+    registered, warnings = registered_with(fake)
+    assert registered == 0
+    assert len(warnings) == 1 and "could not extend mergekit.merge (AttributeError" in warnings[0]
+
+
+def registered_with(path: Path) -> tuple[int, list[str]]:
+    """How often ``finetuning_transfer`` is registered once mergekit is imported with
+    ``path`` ahead on ``PYTHONPATH``, and the plugin's warnings."""
     code = (
-        "import mergekit.merge_methods as m, mergekit.merge;"
+        "import mergekit.merge_methods as m, mergekit.merge, mergekit.common;"
         "print([x.spec.name for x in m.registered_methods()].count('finetuning_transfer'))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
-        env={**OFFLINE_ENV, "PYTHONPATH": str(fake)},
+        env={**OFFLINE_ENV, "PYTHONPATH": str(path)},
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "0"
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("mergekit-ftt")]
-    assert len(warnings) == 1 and "could not extend mergekit.merge (AttributeError" in warnings[0]
+    lines = result.stderr.splitlines()
+    return int(result.stdout), [line for line in lines if line.startswith("mergekit-ftt")]
 
 
 def test_mergekit_yaml_help_runs():
@@ -219,19 +226,8 @@ def test_another_mergekit_release_gets_one_warning_and_the_method(tmp_path):
     info = tmp_path / "mergekit-0.2.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mergekit\nVersion: 0.2.0\n")
-    code = (
-        "import mergekit.merge_methods as m, mergekit.merge, mergekit.common;"
-        "print([x.spec.name for x in m.registered_methods()].count('finetuning_transfer'))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**OFFLINE_ENV, "PYTHONPATH": str(tmp_path)},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "1"
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("mergekit-ftt")]
+    registered, warnings = registered_with(tmp_path)
+    assert registered == 1
     assert warnings == [
         "mergekit-ftt: warning: mergekit 0.2.0 is installed; mergekit-ftt extends the internals "
         "of mergekit==0.1.5, which another release may change. If a finetuning_transfer merge "

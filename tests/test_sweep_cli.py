@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_cli
+from helpers import run_cli, stored_delta_recipe
 
 from mergekit_ftt.sweep.cli import build_parser, main
 
@@ -225,23 +225,7 @@ def test_out_holding_another_recipes_sweep_is_refused(recipe, task_dir, tmp_path
 def test_sweep_over_a_stored_delta_runs_alike_in_memory_and_on_disk(llama, task_dir, tmp_path):
     """``ftt-sweep`` on a recipe with `role: delta` (it used to end in a traceback): both
     builds evaluate the same models (mergekit-yaml equality: test_sweep_variants.py)."""
-    delta = tmp_path / "delta"
-    extracted = run_cli(
-        "ftt-delta", "extract", str(delta), "--finetuned", str(llama.model("ft_a", 3)),
-        "--base", str(llama.model("source_base", 2)), "--no-source-hash",
-    )  # fmt: skip
-    assert extracted.returncode == 0, extracted.stderr
-    recipe = tmp_path / "delta.yml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "finetuning_transfer",
-                "base_model": str(llama.model("target", 1)),
-                "dtype": "bfloat16",
-                "models": [{"model": str(delta), "parameters": {"role": "delta"}}],
-            }
-        )
-    )
+    recipe = stored_delta_recipe(llama, tmp_path)
     out = tmp_path / "sweep"
     args = ["ftt-sweep", *sweep_args(recipe, out, task_dir, "--limit", "6")]
     in_memory = run_cli(*args)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import load_weights, run_cli
+from helpers import load_weights, run_cli, stored_delta_recipe
 from mergekit.config import ConditionalParameter
 
 from mergekit_ftt.errors import FttError
@@ -375,23 +375,7 @@ def test_a_sweep_over_a_stored_delta_equals_mergekit(llama, tmp_path):
     """A recipe with `role: delta` (a folder from ftt-delta extract): each variant built in
     memory, and each written to disk by the sweep, equals the one the real mergekit-yaml
     command writes from the variant's recipe file, bit for bit."""
-    delta = tmp_path / "delta"
-    extracted = run_cli(
-        "ftt-delta", "extract", str(delta), "--finetuned", str(llama.model("ft_a", 3)),
-        "--base", str(llama.model("source_base", 2)), "--no-source-hash",
-    )  # fmt: skip
-    assert extracted.returncode == 0, extracted.stderr
-    recipe_path = tmp_path / "delta.yml"
-    recipe_path.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "finetuning_transfer",
-                "base_model": str(llama.model("target", 1)),
-                "dtype": "bfloat16",
-                "models": [{"model": str(delta), "parameters": {"role": "delta", "weight": 1.0}}],
-            }
-        )
-    )
+    recipe_path = stored_delta_recipe(llama, tmp_path)
     variants, plan = variants_of(recipe_path, [0.5, 1.5], ["mlp"])
     memory = build.memory_plan(plan.base.recipe, plan.base.options, "auto", "hf", "cpu", 4)
     assert memory.input_bytes > 0
