@@ -127,6 +127,8 @@ def library_logs(
 ) -> Iterator[IO[str] | None]:
     """Send the libraries' logs, warnings and printed output to ``log_file`` (appended)
     unless ``verbose``; yields the open log (for subprocesses), or None when nothing moves.
+    A log file (and folders) this call made is removed when an :class:`FttError` or Ctrl-C
+    ends the work: a refused run leaves nothing behind.
 
     With ``verbose`` (or no log file) nothing changes. Otherwise the library loggers write
     to the file instead of the terminal, Python warnings are logged there, ``sys.stdout``
@@ -139,6 +141,7 @@ def library_logs(
         yield None
         return
     path = Path(log_file)
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.open("a", encoding="utf-8", buffering=1)
     handler = logging.StreamHandler(log)
@@ -165,6 +168,14 @@ def library_logs(
             warnings.simplefilter("default")
             _quiet_loaded_libraries()
             yield log
+    except (FttError, KeyboardInterrupt):
+        # A refused or interrupted run leaves nothing behind: not even the log it started.
+        for made_path in made:
+            if made_path == path:
+                made_path.unlink(missing_ok=True)
+            elif made_path.is_dir() and not any(made_path.iterdir()):
+                made_path.rmdir()
+        raise
     finally:
         os.dup2(saved_stderr_fd, 2)
         os.close(saved_stderr_fd)

@@ -14,11 +14,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from mergekit_ftt.cli import add_options, entry_point, options_from
+from mergekit_ftt.cli import add_options, entry_point, library_logs, options_from
 from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import BackendOptions, RunOptions
 from mergekit_ftt.eval.suites import shipped_suites
+
+LOG_FILE = "ftt-eval.log"  # in the --output folder
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -72,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="delegate to the `olmes` CLI (must be on PATH) with the suite's OLMES task ids",
     )
     run.add_argument("--olmes-gpus", type=int, default=1, help="GPUs per olmes run")
+    run.add_argument(
+        "--verbose", action="store_true", help=f"library logs on the terminal, not in {LOG_FILE}"
+    )
     add_options(run, RunOptions)
     add_options(run, BackendOptions)
 
@@ -104,13 +110,15 @@ def _run(args: argparse.Namespace) -> None:
             run_options.include_path,
         )
         return
-    written = evaluate_models(
-        models,
-        args.suite or args.tasks.split(","),
-        args.output,
-        options=backend_options,
-        **run_options.model_dump(),
-    )
+    # lm-eval's INFO lines, bars and git calls go to the log, the result paths to the terminal.
+    with library_logs(Path(args.output) / LOG_FILE, args.verbose):
+        written = evaluate_models(
+            models,
+            args.suite or args.tasks.split(","),
+            args.output,
+            options=backend_options,
+            **run_options.model_dump(),
+        )
     for label, files in written.items():
         for task, path in files.items():
             print(f"{label}\t{task}\t{path}")
