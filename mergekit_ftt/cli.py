@@ -192,6 +192,28 @@ def library_logs(
         log.close()
 
 
+def require_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written, before the work starts: its nearest
+    existing ancestor must be a folder this user may write in, and ``path`` itself, if it
+    exists, a folder (``folder``) or a file (not ``folder``) that may be written."""
+    path = Path(path)
+    kind = "a folder" if folder else "a file name"
+    if path.exists():
+        if path.is_dir() != folder:
+            raise FttError(f"{flag} {path} is {'a file' if folder else 'a folder'}; give {kind}")
+        if not os.access(path, os.W_OK):
+            raise FttError(f"{flag} {path} is not writable: give {kind} you may write")
+        return
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise FttError(f"{flag} {path}: {existing} is a file, not a folder; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FttError(
+            f"{flag} {path}: cannot create it, {existing} is not writable; give {kind} "
+            "in a folder you may write in"
+        )
+
+
 # Read by huggingface_hub, datasets and transformers when they draw a progress bar.
 _QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
