@@ -192,6 +192,21 @@ def library_logs(
         log.close()
 
 
+def installed_command(name: str) -> str:
+    """The path of console script ``name`` of this installation: beside the running Python
+    first (a venv's ``bin/``, used without being on PATH), else on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which(name)
+    if found is None:
+        raise FttError(
+            f"{name} not found beside {sys.executable} nor on PATH: "
+            "`pip install mergekit-ftt` installs it"
+        )
+    return found
+
+
 def require_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
     """Refuse an output path that cannot be written, before the work starts: its nearest
     existing ancestor must be a folder this user may write in, and ``path`` itself, if it
