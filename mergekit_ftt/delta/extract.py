@@ -36,6 +36,7 @@ from mergekit_ftt.delta.format import (
     FileInfo,
     TensorInfo,
     VerifiedFiles,
+    config_json,
     is_delta_folder,
 )
 from mergekit_ftt.delta.options import ExtractOptions
@@ -256,4 +257,4 @@ def _write_side_files(finetuned: Source, config: DeltaConfig, folder: Path, name
         if (tokenizer_folder / name).is_file():
             shutil.copy(tokenizer_folder / name, folder / name)
     (folder / "README.md").write_text(delta_card(config, name), encoding="utf-8")
-    (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    (folder / CONFIG_FILE).write_text(config_json(config), encoding="utf-8")
