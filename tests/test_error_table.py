@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import OFFLINE_ENV, TinyFamily, transfer_recipe  # noqa: E402
+from helpers import OFFLINE_ENV, TinyFamily, transfer_recipe
 
 DOC = Path(__file__).parents[1] / "docs" / "errors.md"
 WORKDIR = "<work>"  # how the working folder is written in the table
@@ -49,6 +49,11 @@ NO_WEIGHTS = "mkdir empty && cp target/config.json empty/"
 TRUNCATED = "cp -r target cut && truncate -s 4000 cut/model.safetensors"
 NOT_A_RECIPE = "printf 'hello: [1, 2\\n' > broken.yml"
 A_FILE = "touch file"
+EDIT_DELTA_CONFIG = (  # a tensor's recorded shape changed by hand
+    "python -c \"import json; p = 'delta/delta_config.json'; "
+    "c = json.load(open(p)); next(iter(c['tensors'].values()))['shape'][0] += 1; "
+    "json.dump(c, open(p, 'w'))\""
+)
 
 
 def recipe_edit(expression: str, name: str = "edited.yml") -> str:
@@ -57,7 +62,7 @@ def recipe_edit(expression: str, name: str = "edited.yml") -> str:
         "import yaml; r = yaml.safe_load(open('recipe.yml')); "
         f"{expression}; yaml.safe_dump(r, open('{name}', 'w'))"
     )
-    return f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
+    return f"python -c {shlex.quote(script)}"
 
 
 CASES: dict[str, Case] = {
@@ -97,33 +102,39 @@ CASES: dict[str, Case] = {
     "eval: a --model without a label": Case(
         f"ftt-eval run --model target {TASK} --output results", "expected LABEL=VALUE"
     ),
+    "eval: an --include-path that does not exist": Case(
+        "ftt-eval run --model x=target --tasks tiny_sum --include-path nowhere --output results",
+        "no folder nowhere",
+    ),
+    "eval: report --out inside a file": Case(
+        "ftt-eval report results --out file/report", "is a file", A_FILE
+    ),
     "eval: report on a folder with no results": Case(
         "ftt-eval report target --out report", "target"
     ),
     # --- ftt-delta ------------------------------------------------------------------------
-    "delta: --finetuned without --base": Case(
-        "ftt-delta extract --finetuned ft out", "--base"
-    ),
+    "delta: --finetuned without --base": Case("ftt-delta extract --finetuned ft out", "--base"),
     "delta: an output folder that holds files": Case(
         "ftt-delta extract --finetuned ft --base base target", "--overwrite"
     ),
     "delta: models of different architectures": Case(
-        "ftt-delta extract --finetuned olmo --base base out", "architecture"
+        "ftt-delta extract --finetuned olmo --base base out", "a delta is taken between"
     ),
-    "delta: a recipe that does not exist": Case(
-        "ftt-delta extract nope.yml out", "nope.yml"
-    ),
+    "delta: a recipe that does not exist": Case("ftt-delta extract nope.yml out", "nope.yml"),
     "delta: a file that is not YAML": Case(
         "ftt-delta extract broken.yml out", "broken.yml", NOT_A_RECIPE
     ),
     "delta: --density without sparsification": Case(
         "ftt-delta extract --finetuned ft --base base --density 0.5 out", "--density"
     ),
+    "delta: info on a hand-edited delta_config.json": Case(
+        "ftt-delta info delta", "was changed after extraction", EDIT_DELTA_CONFIG
+    ),
     "delta: info on a model folder": Case("ftt-delta info target", "not a delta folder"),
     "delta: info --verify after a weight file changed": Case(
         "ftt-delta info --verify delta",
-        "hash",
-        f"{shlex.quote(sys.executable)} -c \"f=open('delta/delta.safetensors','r+b'); "
+        "does not match the sha256",
+        "python -c \"f=open('delta/delta.safetensors','r+b'); "
         "f.seek(-8, 2); f.write(b'01234567')\"",
     ),
     # --- ftt-inspect ----------------------------------------------------------------------
@@ -132,9 +143,7 @@ CASES: dict[str, Case] = {
     "inspect: --json inside a file": Case(
         "ftt-inspect recipe.yml --json file/report.json", "is a file", A_FILE
     ),
-    "inspect: --json is a folder": Case(
-        "ftt-inspect recipe.yml --json tasks", "is a folder"
-    ),
+    "inspect: --json is a folder": Case("ftt-inspect recipe.yml --json tasks", "is a folder"),
     "inspect: --plot of an unknown format": Case(
         "ftt-inspect recipe.yml --plot report.gif", "report.gif"
     ),
@@ -162,6 +171,9 @@ CASES: dict[str, Case] = {
         "ftt-sweep recipe.yml --alphas 0,1 --tasks tiny_sum --include-path nowhere --out sweep",
         "nowhere",
     ),
+    "sweep: --out inside a file": Case(
+        f"ftt-sweep recipe.yml --alphas 0,1 {TASK} --out file/sweep", "is a file", A_FILE
+    ),
     "sweep: an unknown task": Case(
         "ftt-sweep recipe.yml --alphas 0,1 --tasks tiny_sun --include-path tasks --out sweep",
         "tiny_sun",
@@ -174,9 +186,7 @@ CASES: dict[str, Case] = {
     "demo: --matrix with --finetune-after": Case(
         "ftt-demo --matrix 1 --finetune-after --out demo", "--finetune-after"
     ),
-    "train: a config file that does not exist": Case(
-        "ftt-train --config nope.yaml", "nope.yaml"
-    ),
+    "train: a config file that does not exist": Case("ftt-train --config nope.yaml", "nope.yaml"),
     "fetch-checkpoints: an unknown checkpoint": Case(
         "ftt-fetch-checkpoints M9 --dest ckpts", "unknown checkpoint"
     ),
@@ -211,6 +221,13 @@ CASES: dict[str, Case] = {
         "mergekit-yaml edited.yml out",
         "density",
         recipe_edit("r['parameters'] = {'density': 0.5}"),
+    ),
+    "mergekit-yaml: a delta whose delta_config.json was edited": Case(
+        "mergekit-yaml edited.yml out",
+        "was changed after extraction",
+        EDIT_DELTA_CONFIG
+        + " && "
+        + recipe_edit("r['models'] = [{'model': 'delta', 'parameters': {'role': 'delta'}}]"),
     ),
     "mergekit-yaml: an output folder that holds a model": Case(
         "mergekit-yaml recipe.yml target", "target"
@@ -277,8 +294,10 @@ class Seen:
 def run_case(case: Case, template: Path, work: Path) -> Seen:
     """Run ``case`` in ``work``, a fresh copy of ``template``."""
     shutil.copytree(template, work, symlinks=True)
-    if case.setup:
-        subprocess.run(case.setup, shell=True, cwd=work, check=True, env=OFFLINE_ENV)
+    if case.setup:  # `python` there is the one running the tests
+        path = f"{Path(sys.executable).parent}{os.pathsep}{OFFLINE_ENV.get('PATH', '')}"
+        env = {**OFFLINE_ENV, "PATH": path}
+        subprocess.run(case.setup, shell=True, cwd=work, check=True, env=env)
     before = tree(work)
     try:
         run = subprocess.run(
@@ -292,8 +311,9 @@ def run_case(case: Case, template: Path, work: Path) -> Seen:
     except subprocess.TimeoutExpired:  # it took the input and started working
         return Seen(-1, "", [f"still running after {TIMEOUT} s"])
     click = case.prog.startswith("mergekit-")
-    prefix = "Error: " if click else f"{case.prog}: error: "
-    lines = [line for line in run.stderr.splitlines() if line.startswith(prefix)]
+    # argparse names the subcommand too: "ftt-eval run: error: ..."
+    prefix = re.compile("Error: " if click else rf"{re.escape(case.prog)}( \w+)?: error: ")
+    lines = [line for line in run.stderr.splitlines() if prefix.match(line)]
     problems = []
     if run.returncode != (1 if click else 2):
         problems.append(f"exit status {run.returncode}")
@@ -389,8 +409,10 @@ if __name__ == "__main__":
         for variable in ("XDG_CACHE_HOME", "HF_HOME", "NUMBA_CACHE_DIR"):
             OFFLINE_ENV[variable] = str(cache / variable.lower())
         built = build_workspace(Path(scratch) / "template")
-        seen = {name: run_case(c, built, Path(scratch) / f"case{i}") for i, (name, c) in
-                enumerate(CASES.items())}
+        seen = {
+            name: run_case(c, built, Path(scratch) / f"case{i}")
+            for i, (name, c) in enumerate(CASES.items())
+        }
     for name, result in seen.items():
         mark = "ok " if not result.problems and CASES[name].expect in result.line else "BAD"
         print(f"{mark} {name}: {result.line} {result.problems}", file=sys.stderr, flush=True)
