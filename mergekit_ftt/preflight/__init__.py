@@ -51,6 +51,7 @@ from mergekit_ftt.preflight.recipe import (
     configured_roles,
     referenced_models,
 )
+from mergekit_ftt.vocabulary_rows import plan_rows
 
 __all__ = [
     "StoredCheckpoint",
@@ -72,8 +73,9 @@ def check_merge(
     :class:`FinetuningTransferError`."""
     check_output_path(out_path)
     inputs = check_inputs(config, options)
-    if inputs.precision_note:
-        note(inputs.precision_note, options)
+    for line in (inputs.precision_note, inputs.rows_note):
+        if line:
+            note(line, options)
     return card_safe_paths(inputs.config)
 
 
@@ -89,6 +91,7 @@ class TransferInputs(NamedTuple):
     checkpoints: dict[ModelReference, StoredCheckpoint]
     config: MergeConfiguration
     precision_note: str | None
+    rows_note: str | None = None  # embedding rows added or dropped (vocabulary_rows)
 
 
 def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferInputs:
@@ -117,14 +120,16 @@ def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferI
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
     _check_tensors(checkpoints, configs, inputs.deltas, allow_vocabulary)
     plan = plan_precision(config, {model: c.dtypes for model, c in checkpoints.items()})
+    planned, rows_note = plan_rows(plan.config, options)
     return TransferInputs(
         target,
         inputs.source_base,
         inputs.finetuned,
         [model for model in inputs.deltas if model in inputs.stored],
         checkpoints,
-        plan.config,
+        planned,
         plan.message,
+        rows_note,
     )
 
 
