@@ -164,7 +164,13 @@ def _extract_tensors(
     )
     infos: dict[str, TensorInfo] = {}
     progress(f"extracting {len(order)} tensors ({encoding.kind}, {encoding.dtype})")
-    for name in tqdm(order, desc="tensors", unit="tensor", leave=False):
+    # A Stages (the command) draws its bar on the terminal, past the library log.
+    bar = (
+        progress.progress(len(order), "tensors", unit="tensor")
+        if hasattr(progress, "progress")
+        else tqdm(total=len(order), desc="tensors", unit="tensor", leave=False)
+    )
+    for name in order:
         ft_name, base_name = plan.tensors[name]
         finetuned, base = ft_model.tensor(ft_name), base_model.tensor(base_name)
         if hasher is not None:
@@ -185,6 +191,8 @@ def _extract_tensors(
             ft_model.digests[ft_name].result()
             base_model.digests[base_name].result()
         del finetuned, base, components
+        bar.update()
+    bar.close()
     if hasher is not None:
         hasher.shutdown(wait=True)
     progress("writing the last shard and hashing the files")
