@@ -28,6 +28,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import OFFLINE_ENV, TinyFamily, transfer_recipe
 
+from mergekit_ftt.package_data import data_folder
+
 DOC = Path(__file__).parents[1] / "docs" / "errors.md"
 WORKDIR = "<work>"  # how the working folder is written in the table
 TIMEOUT = 90  # a refusal comes in seconds
@@ -327,6 +329,8 @@ def run_case(case: Case, template: Path, work: Path) -> Seen:
     line = lines[0] if lines else (run.stderr.strip().splitlines() or [""])[-1]
     for path in {str(work), os.path.realpath(work)}:
         line = line.replace(path, WORKDIR)
+    for kind in ("training", "recipes", "eval"):  # wherever the package is installed
+        line = line.replace(str(data_folder(kind)), f"<mergekit-ftt's {kind}/>")
     return Seen(run.returncode, line, problems)
 
 
