@@ -70,7 +70,12 @@ def require_model(name_or_path: str, revision: str | None = None) -> None:
         if not (folder / "config.json").is_file():
             raise FttError(f"model folder {name_or_path} has no config.json: not a saved model.")
         return
-    if not hub.is_repo_id(name_or_path) or _looks_like_a_path(name_or_path):
+    if _looks_like_a_path(name_or_path):
+        raise FttError(
+            f"model {name_or_path!r}: no such local folder (looked in {Path.cwd()}); check "
+            "the path (a Hub id is organisation/name, without ./ or a local folder before it)."
+        )
+    if not hub.is_repo_id(name_or_path):
         raise FttError(
             f"model {name_or_path!r}: no such local folder (looked in {Path.cwd()}), and not a "
             "Hub model id (organisation/name)."
@@ -88,9 +93,8 @@ def require_model(name_or_path: str, revision: str | None = None) -> None:
     if offline:
         at = f" (revision {revision})" if revision else ""
         message = (
-            f"cannot load model {name_or_path!r}{at}: no such local folder (looked in "
-            f"{Path.cwd()}); as a Hub id, the Hub is unreachable (offline) and it is not in "
-            "the local Hugging Face cache. To use it offline, download it where the "
+            f"cannot load model {name_or_path!r}{at}: the Hub is unreachable (offline) and it "
+            "is not in the local Hugging Face cache. To use it offline, download it where the "
             f"Hub is reachable ({hub.download_hint(name_or_path, revision)}) and give that "
             "folder as the model, or fill the cache there and run with HF_HUB_OFFLINE=1."
         )
