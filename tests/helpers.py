@@ -129,3 +129,17 @@ def reference(
 def nothing_written(out: Path) -> bool:
     """The output folder was not created, or is still empty."""
     return not out.exists() or not any(out.iterdir())
+
+
+def cpu_train_config(path: Path, data: Path, **settings) -> Path:
+    """A short ``ftt-train`` config on CPU over the chat rows of ``data`` (JSONL), written
+    to ``path``; ``settings`` override its values."""
+    config = {
+        "datasets": [{"path": "json", "data_files": str(data), "columns": ["messages"]}],
+        "dataset_num_proc": 1, "chat_template": "tulu", "max_length": 128,
+        "learning_rate": 1.0e-2, "max_steps": 3, "per_device_train_batch_size": 8,
+        "use_cpu": True, "bf16": False, "activation_checkpointing": False,
+        "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump({**config, **settings}))
+    return path

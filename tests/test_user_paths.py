@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import CORPUS, OFFLINE_ENV, error_line, run_cli, transfer_recipe
+from helpers import (
+    CORPUS,
+    OFFLINE_ENV,
+    cpu_train_config,
+    error_line,
+    run_cli,
+    transfer_recipe,
+)
 
 from mergekit_ftt.tiny import build_tokenizer, save_random_model, tiny_config
 
@@ -94,18 +101,9 @@ def test_padded_rows_survive_two_iterate_rounds(tmp_path):
             for text in CORPUS
         )
     )  # fmt: skip
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "datasets": [{"path": "json", "data_files": str(data), "columns": ["messages"]}],
-                "dataset_num_proc": 1, "chat_template": "tulu", "max_length": 64,
-                "learning_rate": 1.0e-2, "max_steps": 1, "per_device_train_batch_size": 4,
-                "use_cpu": True, "bf16": False, "activation_checkpointing": False,
-                "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
-            }
-        )
-    )  # fmt: skip
+    config = cpu_train_config(
+        tmp_path / "train.yaml", data, max_length=64, max_steps=1, per_device_train_batch_size=4
+    )
     first_ft = tmp_path / "ft0"
     run = run_cli("ftt-train", "--config", str(config), "--model_name_or_path", str(base),
                   "--output_dir", str(first_ft))  # fmt: skip
