@@ -143,3 +143,28 @@ def cpu_train_config(path: Path, data: Path, **settings) -> Path:
     }  # fmt: skip
     path.write_text(yaml.safe_dump({**config, **settings}))
     return path
+
+
+# A local lm-eval task: two sums, generated answers, exact match.
+TASK_YAML = """\
+task: tiny_sum
+dataset_path: json
+dataset_kwargs: {data_files: {test: DATA}}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{question}} A:"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 2, do_sample: false}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+metadata: {version: 1.0}
+"""
+
+
+def write_tiny_task(folder: Path, data_path: str | None = None) -> Path:
+    """lm-eval task ``tiny_sum`` in ``folder`` (give it as --include-path); its data file
+    is named as ``data_path`` (default: its absolute path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "sums.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n')
+    (folder / "tiny.yaml").write_text(TASK_YAML.replace("DATA", data_path or str(data)))
+    return folder

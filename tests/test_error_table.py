@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import OFFLINE_ENV, TinyFamily, transfer_recipe
+from helpers import OFFLINE_ENV, TinyFamily, transfer_recipe, write_tiny_task
 
 from mergekit_ftt.package_data import data_folder
 
@@ -239,19 +239,6 @@ CASES: dict[str, Case] = {
 
 # --- the working folder ---------------------------------------------------------------
 
-TASK_YAML = """\
-task: tiny_sum
-dataset_path: json
-dataset_kwargs: {data_files: {test: tasks/sums.jsonl}}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: {{question}} A:"
-doc_to_target: "{{answer}}"
-generation_kwargs: {until: ["\\n"], max_gen_toks: 2, do_sample: false}
-metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
-metadata: {version: 1.0}
-"""
-
 
 def build_workspace(root: Path) -> Path:
     """Tiny models (target, ft, base: Llama; olmo: OLMo 2), their delta, a valid recipe
@@ -262,11 +249,7 @@ def build_workspace(root: Path) -> Path:
     TinyFamily(root, "olmo2").model("olmo", 4)
     recipe = transfer_recipe("target", [("ft", 1.0)], "base")
     (root / "recipe.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (root / "tasks").mkdir()
-    (root / "tasks" / "tiny.yaml").write_text(TASK_YAML)
-    (root / "tasks" / "sums.jsonl").write_text(
-        '{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n'
-    )
+    write_tiny_task(root / "tasks", "tasks/sums.jsonl")  # the copies find their own
     subprocess.run(
         ["ftt-delta", "extract", "--finetuned", "ft", "--base", "base", "delta"],
         cwd=root,

@@ -21,6 +21,7 @@ from helpers import (
     error_line,
     run_cli,
     transfer_recipe,
+    write_tiny_task,
 )
 
 from mergekit_ftt.tiny import build_tokenizer, save_random_model, tiny_config
@@ -153,3 +154,20 @@ def test_rows_dropped_on_request_are_said(tmp_path):
     assert merge.returncode == 0, merge.stderr
     assert "embedding rows" not in merge.stderr
     assert rows_of(tmp_path / "kept") == rows
+
+
+@pytest.mark.slow
+def test_eval_run_keeps_lm_eval_in_its_log(llama, tmp_path):
+    """lm-eval's INFO lines, bars and `git` calls go to OUT/ftt-eval.log; the terminal gets
+    the result paths only."""
+    tasks = write_tiny_task(tmp_path / "tasks")
+    run = run_cli(
+        "ftt-eval", "run", "--model", f"x={llama.model('target', 1)}", "--tasks", "tiny_sum",
+        "--include-path", str(tasks), "--output", "results", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr == ""
+    (line,) = run.stdout.splitlines()
+    assert line.startswith("x\ttiny_sum\tresults/x/results_")
+    log = (tmp_path / "results" / "ftt-eval.log").read_text()
+    assert "lm_eval" in log
