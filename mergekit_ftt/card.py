@@ -36,18 +36,28 @@ def hub_id(model: str) -> str | None:
     return path if hub.is_repo_id(path) else None
 
 
-def _metadata(base_models: Iterable[str], tags: list[str]) -> str:
+def _metadata(base_models: Iterable[str], tags: list[str], library: str | None) -> str:
+    """The card's YAML header; ``library``: what loads the folder (None: no library does)."""
     hub = list(dict.fromkeys(filter(None, map(hub_id, base_models))))
     data: dict = {}
     if hub:
         data["base_model"] = hub
-    data.update({"library_name": "transformers", "tags": tags})
+    if library is not None:
+        data["library_name"] = library
+    data["tags"] = tags
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).strip()
 
 
 def _link(model: str) -> str:
     repo = hub_id(model)
     return f"[{model}](https://huggingface.co/{repo})" if repo else f"`{model}`"
+
+
+def _model_link(model) -> str:
+    """A recipe's model (a ``ModelReference``), its LoRA adapter included."""
+    if model.lora is None:
+        return _link(str(model.model))
+    return f"{_link(str(model.model))} with the LoRA adapter {_link(str(model.lora))}"
 
 
 # --- transfer outputs -------------------------------------------------------------------
@@ -60,20 +70,26 @@ def transfer_card(config: MergeConfiguration, config_yaml: str, name: str) -> st
 
     target = str(config.base_model.model) if config.base_model else "?"
     source_base = next(
-        (str(m.model) for m, p in model_entries(config) if (p or {}).get("role") == "source_base"),
-        "?",
+        (
+            _model_link(m)
+            for m, p in model_entries(config)
+            if (p or {}).get("role") == "source_base"
+        ),
+        "`?`",
     )
-    rows = []
+    rows, rounded_deltas = [], []
     for model, parameters in model_entries(config):
         parameters = parameters or {}
         role, alpha = parameters.get("role"), _alpha(parameters.get("weight", 1.0))
         path = str(model.model)
         if role == "source_finetuned":
-            rows.append(f"| {_link(path)} − {_link(source_base)} | {alpha} | the two models |")
+            rows.append(f"| {_model_link(model)} − {source_base} | {alpha} | the two models |")
         elif role == "delta":
             local = _local(model)
             if local is not None and is_delta_folder(local):
                 delta = read_config(local)
+                if not (delta.encoding.kind == "dense" and delta.encoding.exact):
+                    rounded_deltas.append(path)
                 rows.append(
                     f"| {_link(delta.finetuned.model)} − {_link(delta.base.model)} | {alpha} | "
                     f"delta folder {_link(path)} ({_encoding_text(delta)}) |"
@@ -81,17 +97,23 @@ def transfer_card(config: MergeConfiguration, config_yaml: str, name: str) -> st
             else:
                 rows.append(f"| delta folder {_link(path)} | {alpha} | |")
     tokenizer = _tokenizer_text(config)
-    dtype = config.out_dtype or config.dtype or "the inputs' dtype"
     lines = [
         "---",
-        _metadata([target], ["mergekit", "merge", "mergekit-ftt", "finetuning-transfer"]),
+        _metadata(
+            [target], ["mergekit", "merge", "mergekit-ftt", "finetuning-transfer"], "transformers"
+        ),
         "---",
         f"# {name}",
         "",
         f"This model is {_link(target)} plus the fine-tuning delta(s) below, merged with the "
         f"[Fine-tuning Transfer]({PAPER_URL}) method (Lin et al., 2025; `{METHOD_NAME}` from "
         f"mergekit-ftt) using [mergekit]({PROJECT_URL}). Every tensor is target + Σ α · "
-        f"(fine-tuned − its base), computed in float64 and rounded once to {dtype}.",
+        f"(fine-tuned − its base), computed in float64 and {_rounding_text(config)}."
+        + "".join(
+            f" The delta folder {_link(path)} stores Δ already rounded, so its part is rounded "
+            "twice in all."
+            for path in rounded_deltas
+        ),
         "",
         f"- **Target (base model):** {_link(target)}",
         f"- **Tokenizer and chat template:** {tokenizer}",
@@ -108,6 +130,18 @@ def transfer_card(config: MergeConfiguration, config_yaml: str, name: str) -> st
         "",
     ]
     return "\n".join(lines)
+
+
+def _rounding_text(config: MergeConfiguration) -> str:
+    """How the float64 sum reaches the written dtype: straight (once), or through the
+    method's ``output_dtype`` and then mergekit's cast to ``out_dtype`` (twice)."""
+    written = config.out_dtype or config.dtype
+    kernel = (config.parameters or {}).get("output_dtype") or config.dtype
+    if written is None:
+        return "rounded once to the inputs' dtype"
+    if kernel is None or kernel == written:
+        return f"rounded once to {written}"
+    return f"rounded twice: to {kernel} by the method, then to {written} by mergekit"
 
 
 def _alpha(weight) -> str:
@@ -167,7 +201,10 @@ def delta_card(delta: DeltaConfig, name: str) -> str:
     )
     lines = [
         "---",
-        _metadata([finetuned.model, base.model], ["mergekit-ftt", "delta", "finetuning-transfer"]),
+        # No library_name: transformers cannot load a delta folder; mergekit-yaml applies it.
+        _metadata(
+            [finetuned.model, base.model], ["mergekit-ftt", "delta", "finetuning-transfer"], None
+        ),
         "---",
         f"# {name}",
         "",

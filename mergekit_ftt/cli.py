@@ -127,6 +127,8 @@ def library_logs(
 ) -> Iterator[IO[str] | None]:
     """Send the libraries' logs, warnings and printed output to ``log_file`` (appended)
     unless ``verbose``; yields the open log (for subprocesses), or None when nothing moves.
+    A log file (and folders) this call made is removed when an :class:`FttError` or Ctrl-C
+    ends the work: a refused run leaves nothing behind.
 
     With ``verbose`` (or no log file) nothing changes. Otherwise the library loggers write
     to the file instead of the terminal, Python warnings are logged there, ``sys.stdout``
@@ -139,6 +141,7 @@ def library_logs(
         yield None
         return
     path = Path(log_file)
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.open("a", encoding="utf-8", buffering=1)
     handler = logging.StreamHandler(log)
@@ -165,6 +168,14 @@ def library_logs(
             warnings.simplefilter("default")
             _quiet_loaded_libraries()
             yield log
+    except (FttError, KeyboardInterrupt):
+        # A refused or interrupted run leaves nothing behind: not even the log it started.
+        for made_path in made:
+            if made_path == path:
+                made_path.unlink(missing_ok=True)
+            elif made_path.is_dir() and not any(made_path.iterdir()):
+                made_path.rmdir()
+        raise
     finally:
         os.dup2(saved_stderr_fd, 2)
         os.close(saved_stderr_fd)
@@ -179,6 +190,43 @@ def library_logs(
             else:
                 os.environ[key] = value
         log.close()
+
+
+def installed_command(name: str) -> str:
+    """The path of console script ``name`` of this installation: beside the running Python
+    first (a venv's ``bin/``, used without being on PATH), else on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which(name)
+    if found is None:
+        raise FttError(
+            f"{name} not found beside {sys.executable} nor on PATH: "
+            "`pip install mergekit-ftt` installs it"
+        )
+    return found
+
+
+def require_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written, before the work starts: its nearest
+    existing ancestor must be a folder this user may write in, and ``path`` itself, if it
+    exists, a folder (``folder``) or a file (not ``folder``) that may be written."""
+    path = Path(path)
+    kind = "a folder" if folder else "a file name"
+    if path.exists():
+        if path.is_dir() != folder:
+            raise FttError(f"{flag} {path} is {'a file' if folder else 'a folder'}; give {kind}")
+        if not os.access(path, os.W_OK):
+            raise FttError(f"{flag} {path} is not writable: give {kind} you may write")
+        return
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise FttError(f"{flag} {path}: {existing} is a file, not a folder; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FttError(
+            f"{flag} {path}: cannot create it, {existing} is not writable; give {kind} "
+            "in a folder you may write in"
+        )
 
 
 # Read by huggingface_hub, datasets and transformers when they draw a progress bar.

@@ -70,6 +70,11 @@ def require_model(name_or_path: str, revision: str | None = None) -> None:
         if not (folder / "config.json").is_file():
             raise FttError(f"model folder {name_or_path} has no config.json: not a saved model.")
         return
+    if _looks_like_a_path(name_or_path):
+        raise FttError(
+            f"model {name_or_path!r}: no such local folder (looked in {Path.cwd()}); check "
+            "the path (a Hub id is organisation/name, without ./ or a local folder before it)."
+        )
     if not hub.is_repo_id(name_or_path):
         raise FttError(
             f"model {name_or_path!r}: no such local folder (looked in {Path.cwd()}), and not a "
@@ -94,6 +99,13 @@ def require_model(name_or_path: str, revision: str | None = None) -> None:
             "folder as the model, or fill the cache there and run with HF_HUB_OFFLINE=1."
         )
     raise FttError(message)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """``./x``, ``~/x``, ``/x`` or ``merged/x`` beside an existing ``merged/``: a folder the
+    user meant, never a Hub id (``merged/nope`` must not be looked up on the Hub)."""
+    parent = Path(name).expanduser().parent
+    return name.startswith((".", "/", "~")) or (parent != Path() and parent.is_dir())
 
 
 def dataset_error(error: BaseException, what: str) -> FttError:

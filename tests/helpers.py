@@ -149,3 +149,42 @@ def stored_delta_recipe(family: TinyFamily, folder: Path) -> Path:
     path = folder / "delta.yml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def cpu_train_config(path: Path, data: Path, **settings) -> Path:
+    """A short ``ftt-train`` config on CPU over the chat rows of ``data`` (JSONL), written
+    to ``path``; ``settings`` override its values."""
+    config = {
+        "datasets": [{"path": "json", "data_files": str(data), "columns": ["messages"]}],
+        "dataset_num_proc": 1, "chat_template": "tulu", "max_length": 128,
+        "learning_rate": 1.0e-2, "max_steps": 3, "per_device_train_batch_size": 8,
+        "use_cpu": True, "bf16": False, "activation_checkpointing": False,
+        "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump({**config, **settings}))
+    return path
+
+
+# A local lm-eval task: two sums, generated answers, exact match.
+TASK_YAML = """\
+task: tiny_sum
+dataset_path: json
+dataset_kwargs: {data_files: {test: DATA}}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{question}} A:"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 2, do_sample: false}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+metadata: {version: 1.0}
+"""
+
+
+def write_tiny_task(folder: Path, data_path: str | None = None) -> Path:
+    """lm-eval task ``tiny_sum`` in ``folder`` (give it as --include-path); its data file
+    is named as ``data_path`` (default: its absolute path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "sums.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n')
+    (folder / "tiny.yaml").write_text(TASK_YAML.replace("DATA", data_path or str(data)))
+    return folder

@@ -32,7 +32,10 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_flags_come_from_the_options_models_in_both_spellings():
+def test_flags_come_from_the_options_models_in_both_spellings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a", "b"):  # --include-path must name folders
+        (tmp_path / folder).mkdir()
     args = parse(
         "--batch_size", "8", "--include-path", "a", "--include_path", "b", "--limit", "0.5",
         "--apply-chat-template", "--fewshot_as_multiturn", "false", "--trust_remote_code",

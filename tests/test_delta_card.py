@@ -54,3 +54,28 @@ def test_local_folders_are_not_hub_ids(tmp_path):
     assert hub_id(str(tmp_path / "model")) is None
     assert hub_id("./models/ft") is None
     assert hub_id("a/b/c") is None
+
+
+def test_lora_source_keeps_its_adapter_and_double_rounding_is_said():
+    recipe = {
+        "merge_method": "finetuning_transfer",
+        "base_model": "meta-llama/Meta-Llama-3-8B",
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+        "parameters": {"output_dtype": "float32"},
+        "models": [
+            {
+                "model": "meta-llama/Llama-3.1-8B+org/tulu-lora",
+                "parameters": {"role": "source_finetuned", "weight": 1.0},
+            },
+            {"model": "meta-llama/Llama-3.1-8B", "parameters": {"role": "source_base"}},
+        ],
+    }
+    config = MergeConfiguration.model_validate(recipe)
+    card = transfer_card(config, yaml.safe_dump(recipe), "out")
+    assert "with the LoRA adapter [org/tulu-lora](https://huggingface.co/org/tulu-lora) −" in card
+    assert "rounded twice: to float32 by the method, then to bfloat16 by mergekit" in card
+    del recipe["parameters"]  # the merge's own plan rounds straight to out_dtype
+    recipe["parameters"] = {"output_dtype": "bfloat16"}
+    card = transfer_card(MergeConfiguration.model_validate(recipe), "", "out")
+    assert "rounded once to bfloat16" in card

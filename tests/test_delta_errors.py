@@ -12,6 +12,7 @@ import yaml
 from helpers import merge, run_cli
 from safetensors.torch import load_file, save_file
 
+from mergekit_ftt.delta.format import config_digest
 from mergekit_ftt.tiny import save_random_model, tiny_config
 
 pytestmark = pytest.mark.slow  # mergekit-yaml and ftt-delta start-up
@@ -123,6 +124,7 @@ def test_component_of_another_shape(llama, delta, tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     config = json.loads((broken / "delta_config.json").read_text())
     config["files"]["delta.safetensors"]["size"] = shard.stat().st_size
+    config["config_sha256"] = config_digest(config)  # a consistent config, a changed shard
     (broken / "delta_config.json").write_text(json.dumps(config))
     message = refused(delta_recipe(llama.model("target", 1), broken), tmp_path)
     assert (

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import cpu_train_config
 
 from mergekit_ftt.errors import FttError
 from mergekit_ftt.training import iterate, sft
@@ -75,21 +76,7 @@ def test_two_rounds_of_transfer_then_finetune(tmp_path, capsys, one_thread):
     shutil.copy(inputs / "target" / "tokenizer.json", inputs / "later")
     shutil.copy(inputs / "target" / "tokenizer_config.json", inputs / "later")
 
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "datasets": [
-                    {"path": "json", "data_files": str(inputs / "train.jsonl"),
-                     "columns": ["messages"]}
-                ],
-                "dataset_num_proc": 1, "chat_template": "tulu", "max_length": 128,
-                "learning_rate": 1.0e-2, "max_steps": 3, "per_device_train_batch_size": 8,
-                "use_cpu": True, "bf16": False, "activation_checkpointing": False,
-                "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
-            }
-        )
-    )  # fmt: skip
+    config = cpu_train_config(tmp_path / "train.yaml", inputs / "train.jsonl")
     first_ft = tmp_path / "ft0"
     sft.main(["--config", str(config), "--model_name_or_path", str(inputs / "base"),
               "--output_dir", str(first_ft)])  # fmt: skip

@@ -36,6 +36,7 @@ from mergekit_ftt.delta.format import (
     FileInfo,
     TensorInfo,
     VerifiedFiles,
+    config_json,
     is_delta_folder,
     read_config,
 )
@@ -189,7 +190,13 @@ def _extract_tensors(
     )
     infos: dict[str, TensorInfo] = {}
     progress(f"extracting {len(order)} tensors ({encoding.kind}, {encoding.dtype})")
-    for name in tqdm(order, desc="tensors", unit="tensor", leave=False):
+    # A Stages (the command) draws its bar on the terminal, past the library log.
+    bar = (
+        progress.progress(len(order), "tensors", unit="tensor")
+        if hasattr(progress, "progress")
+        else tqdm(total=len(order), desc="tensors", unit="tensor", leave=False)
+    )
+    for name in order:
         ft_name, base_name = plan.tensors[name]
         finetuned, base = ft_model.tensor(ft_name), base_model.tensor(base_name)
         if hasher is not None:
@@ -210,6 +217,8 @@ def _extract_tensors(
             ft_model.digests[ft_name].result()
             base_model.digests[base_name].result()
         del finetuned, base, components
+        bar.update()
+    bar.close()
     if hasher is not None:
         hasher.shutdown(wait=True)
     progress("writing the last shard and hashing the files")
@@ -282,4 +291,4 @@ def _write_side_files(finetuned: Source, config: DeltaConfig, folder: Path, name
         if (tokenizer_folder / name).is_file():
             shutil.copy(tokenizer_folder / name, folder / name)
     (folder / "README.md").write_text(delta_card(config, name), encoding="utf-8")
-    (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    (folder / CONFIG_FILE).write_text(config_json(config), encoding="utf-8")

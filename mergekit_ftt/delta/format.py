@@ -171,6 +171,12 @@ class DeltaConfig(_Strict):
     vocabulary: Vocabulary
     tensors: dict[str, TensorInfo]
     files: dict[str, FileInfo]
+    config_sha256: str | None = Field(
+        None,
+        description="sha256 of this file's other keys (config_digest): the files' hashes "
+        "cover the weights, this one the description of them; None in deltas extracted "
+        "before it was recorded",
+    )
 
     def module_errors(self) -> list[tuple[str, int, float]]:
         """(module path, tensors, ‖decoded − Δ‖ / ‖Δ‖ over those tensors), in first-seen
@@ -189,6 +195,21 @@ class DeltaConfig(_Strict):
     @property
     def stored_bytes(self) -> int:
         return sum(file.size for file in self.files.values())
+
+
+def config_digest(raw: dict) -> str:
+    """sha256 of ``delta_config.json``'s keys but ``config_sha256``, in a canonical form
+    (sorted keys, no spaces), so that re-indenting the file changes nothing."""
+    body = {key: value for key, value in raw.items() if key != "config_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def config_json(config: DeltaConfig) -> str:
+    """The text of ``delta_config.json``, its ``config_sha256`` filled in."""
+    raw = json.loads(config.model_dump_json())
+    raw["config_sha256"] = config_digest(raw)
+    return json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
 
 
 def is_delta_folder(path: str | Path) -> bool:
@@ -219,6 +240,13 @@ def read_config(path: str | Path) -> DeltaConfig:
                 if isinstance(version, int) and version > FORMAT_VERSION
                 else "Extract the delta again with `ftt-delta extract`."
             )
+        )
+    recorded = raw.get("config_sha256")
+    if recorded is not None and recorded != config_digest(raw):
+        raise DeltaError(
+            f"{config_path} was changed after extraction: its content no longer matches the "
+            "config_sha256 recorded in it, so its description of the tensors cannot be "
+            "trusted. Restore the file from the extracted copy, or extract the delta again."
         )
     try:
         return DeltaConfig.model_validate(raw)

@@ -31,6 +31,7 @@ def describe(delta: DeltaConfig, path: str | Path) -> dict:
         "stored_bytes": delta.stored_bytes,
         "bytes_per_element": delta.stored_bytes / elements if elements else 0.0,
         "files": len(delta.files),
+        "config_sha256": delta.config_sha256,
         "vocabulary": delta.vocabulary.model_dump(),
         "tokenizer": (folder / "tokenizer_config.json").exists(),
         "chat_template": _has_chat_template(folder),
@@ -100,6 +101,12 @@ def render(facts: dict, per_tensor: bool = False) -> str:
         f"  stored as    {stored}",
         f"  size         {format_bytes(facts['stored_bytes'])} in {facts['files']} file(s), "
         f"{facts['bytes_per_element']:.3f} bytes per element",
+        "  integrity    sha256 of every file; of delta_config.json: "
+        + (
+            f"{facts['config_sha256'][:16]}…"
+            if facts["config_sha256"]
+            else "not recorded (extracted by an older mergekit-ftt; extract again to cover it)"
+        ),
         "  vocabulary   "
         + (
             f"{len(added)} tokens only the fine-tuned model has, stored as full rows: "

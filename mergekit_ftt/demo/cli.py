@@ -151,9 +151,29 @@ def caption(config: DemoConfig) -> str:
     )
 
 
+def _refuse_unused_with_matrix(args: argparse.Namespace) -> None:
+    """--matrix runs its own stages: what it cannot honour is refused, never ignored."""
+    if args.matrix is None:
+        return
+    if args.matrix < 1:
+        raise FttError(f"--matrix {args.matrix}: give the number of seeds, 1 or more (alone: 3)")
+    unused = [
+        flag
+        for flag, given in (("--finetune-after", args.finetune_after), ("--verbose", args.verbose))
+        if given
+    ]
+    if unused:
+        raise FttError(
+            f"--matrix does not take {' or '.join(unused)}: --finetune-after belongs to the "
+            "plain demo; the matrix writes the libraries' logs beside each seed's results. "
+            "Drop it, or run the plain demo without --matrix."
+        )
+
+
 @entry_point("ftt-demo")
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _refuse_unused_with_matrix(args)
     require_extras()
     import torch
 
@@ -162,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(preset)
     threads = args.threads or config.torch_threads
     torch.set_num_threads(threads)
-    if args.matrix:
+    if args.matrix is not None:
         from mergekit_ftt.demo import matrix
 
         matrix.run(args.out, args.quick, args.seed, args.matrix, threads, args.overwrite)

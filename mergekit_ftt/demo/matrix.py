@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_ftt.cli import Stages, library_logs
+from mergekit_ftt.cli import Stages, installed_command, library_logs
 from mergekit_ftt.demo import calibration, corpus, pipeline
 from mergekit_ftt.demo.config import DemoConfig, load_config
 from mergekit_ftt.errors import FttError
@@ -194,9 +194,7 @@ def transfer_all(layout: SeedLayout, pairs: Sequence[Pair], threads: int, log: P
             documents.append({"name": pair.folder, **document})
     if not documents:
         return
-    multi = shutil.which("mergekit-multi")
-    if multi is None:
-        raise FttError("mergekit-multi not found: `pip install mergekit-ftt` installs it")
+    multi = installed_command("mergekit-multi")  # beside this Python, then on PATH
     batch = layout.transfer / "matrix.yml"
     batch.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     command = [multi, str(batch), "--intermediate-dir", str(layout.transfer), "--lazy-unpickle"]

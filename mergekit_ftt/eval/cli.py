@@ -14,11 +14,20 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from mergekit_ftt.cli import add_options, entry_point, options_from
+from mergekit_ftt.cli import (
+    add_options,
+    entry_point,
+    library_logs,
+    options_from,
+    require_writable,
+)
 from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import BackendOptions, RunOptions
 from mergekit_ftt.eval.suites import shipped_suites
+
+LOG_FILE = "ftt-eval.log"  # in the --output folder
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -72,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="delegate to the `olmes` CLI (must be on PATH) with the suite's OLMES task ids",
     )
     run.add_argument("--olmes-gpus", type=int, default=1, help="GPUs per olmes run")
+    run.add_argument(
+        "--verbose", action="store_true", help=f"library logs on the terminal, not in {LOG_FILE}"
+    )
     add_options(run, RunOptions)
     add_options(run, BackendOptions)
 
@@ -83,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `olmes` is told (olmes.olmes_command); every other option of `run` would be ignored.
+OLMES_OPTIONS = {"dtype", "add_bos_token", "max_model_len", "trust_remote_code", "limit"}
+OLMES_OPTIONS |= {"include_path"}  # where the suite is found
+
+
+def _refuse_unused_by_olmes(args: argparse.Namespace) -> None:
+    """An option --via-olmes cannot pass on is refused, never accepted and ignored."""
+    names = [*RunOptions.model_fields, *BackendOptions.model_fields]
+    given = [name for name in names if hasattr(args, name) and name not in OLMES_OPTIONS]
+    given += ["base"] if args.base else []
+    if given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise FttError(
+            f"--via-olmes runs OLMES with its own settings and cannot apply {flags}: drop "
+            f"{'it' if len(given) == 1 else 'them'}, or drop --via-olmes to run the suite "
+            "through lm-eval (then `ftt-eval report --base` marks the '+ Δ' rows)"
+        )
+
+
 def _run(args: argparse.Namespace) -> None:
     from mergekit_ftt.eval import olmes
     from mergekit_ftt.eval.runner import ModelSpec, evaluate_models
@@ -91,9 +122,11 @@ def _run(args: argparse.Namespace) -> None:
     backend_options = options_from(args, BackendOptions)
     bases = dict(args.base)
     models = [ModelSpec(label, path, bases.get(label)) for label, path in args.model]
+    require_writable(args.output, "--output", folder=True)
     if args.via_olmes:
         if not args.suite:
             raise FttError("--via-olmes runs a suite's OLMES task ids: give --suite, not --tasks")
+        _refuse_unused_by_olmes(args)
         olmes.run_suite(
             models,
             args.suite,
@@ -104,13 +137,15 @@ def _run(args: argparse.Namespace) -> None:
             run_options.include_path,
         )
         return
-    written = evaluate_models(
-        models,
-        args.suite or args.tasks.split(","),
-        args.output,
-        options=backend_options,
-        **run_options.model_dump(),
-    )
+    # lm-eval's INFO lines, bars and git calls go to the log, the result paths to the terminal.
+    with library_logs(Path(args.output) / LOG_FILE, args.verbose):
+        written = evaluate_models(
+            models,
+            args.suite or args.tasks.split(","),
+            args.output,
+            options=backend_options,
+            **run_options.model_dump(),
+        )
     for label, files in written.items():
         for task, path in files.items():
             print(f"{label}\t{task}\t{path}")
@@ -119,6 +154,7 @@ def _run(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from mergekit_ftt.eval.report import build_table, to_markdown, write_report
 
+    require_writable(args.out, "--out", folder=True)
     table = build_table(args.dirs, dict(args.base))
     paths = write_report(table, args.out, args.title)
     print(to_markdown(table), end="")

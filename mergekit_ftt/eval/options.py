@@ -7,6 +7,7 @@ Field names are lm-eval's, so its spellings work as flags too (``--batch_size``,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -93,6 +94,17 @@ class RunOptions(BaseModel):
         None, description="few-shot examples as chat turns (default: the suite's setting)"
     )
     force: bool = Field(False, description="recompute tasks that already have results")
+
+    @field_validator("include_path")
+    @classmethod
+    def _existing_folders(cls, paths: list[str]) -> list[str]:
+        missing = [path for path in paths if not Path(path).is_dir()]
+        if missing:
+            raise ValueError(
+                f"no folder {', '.join(missing)} (looked in {Path.cwd()}): give the folder "
+                "that holds the task YAMLs"
+            )
+        return paths
 
     @field_validator("limit")
     @classmethod

@@ -14,12 +14,14 @@ chat settings.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,28 @@ class ModelSpec:
             raise FttError(
                 f"model label {self.label!r} cannot be a folder name (no '/', '\\\\', '.', '..')"
             )
+
+
+def require_evaluable(name_or_path: str) -> None:
+    """Fail with one line unless ``name_or_path`` is a model lm-eval can load: a local folder
+    with a config and readable weights (not a delta folder), or a Hub model in reach."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        require_model(name_or_path)
+        return
+    from mergekit.common import ModelReference
+    from mergekit.options import MergeOptions
+
+    from mergekit_ftt.delta.format import is_delta_folder
+    from mergekit_ftt.preflight.checkpoints import read_checkpoint
+
+    if is_delta_folder(folder):
+        raise FttError(
+            f"{name_or_path} is a delta folder (ftt-delta extract), not a model: add it to a "
+            "base model with mergekit-yaml (`role: delta`) and evaluate the merged folder."
+        )
+    require_model(name_or_path)  # its config.json
+    read_checkpoint(ModelReference.parse(str(folder)), MergeOptions(quiet=True))  # its weights
 
 
 def resolve_suite(
@@ -199,6 +223,20 @@ def _record_run(model_dir: Path, spec: ModelSpec, suite: Suite, force: bool) -> 
     )
 
 
+@contextlib.contextmanager
+def _removed_on_error(model_dir: Path) -> Iterator[None]:
+    """A model's result folder made by this run is removed again if the run fails before
+    any result is in it (nothing half-made is left behind; earlier results are kept)."""
+    made = [p for p in (model_dir.parent, model_dir) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        if not any(model_dir.glob("results_*.json")):
+            for folder in made[:1]:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _load_lm(backend: str, args: dict[str, Any], batch_size: int | str):
     from lm_eval.api.registry import get_model
 
@@ -278,7 +316,7 @@ def evaluate_models(
     work_offline_if_hub_unreachable()
     for spec in models:
         if spec.load is None:  # a model built in this process needs no download
-            require_model(spec.pretrained)
+            require_evaluable(spec.pretrained)
     manager = task_manager(include_paths, [c.task for c in suite.columns])
     require_datasets(suite, manager)
 
@@ -286,29 +324,30 @@ def evaluate_models(
     written: dict[str, dict[str, Path]] = {}
     for spec in models:
         model_dir = output_dir / spec.label
-        _record_run(model_dir, spec, suite, force)
-        done = {} if force else finished_tasks(model_dir)
-        # The suite's defaults (e.g. OLMES's add_bos_token) yield to what the caller set.
-        args = {**suite.model_args, **backends.model_args(backend, spec.pretrained, options)}
-        lm = None
-        written[spec.label] = {}
-        for column in suite.columns:
-            previous = done.get((column.task, _settings(limit, *suite.chat_settings(column))))
-            if previous is not None:
-                log.info(
-                    "%s / %s: finished in %s, not recomputed",
-                    spec.label,
-                    column.task,
-                    previous,
+        with _removed_on_error(model_dir):
+            _record_run(model_dir, spec, suite, force)
+            done = {} if force else finished_tasks(model_dir)
+            # The suite's defaults (e.g. OLMES's add_bos_token) yield to what the caller set.
+            args = {**suite.model_args, **backends.model_args(backend, spec.pretrained, options)}
+            lm = None
+            written[spec.label] = {}
+            for column in suite.columns:
+                previous = done.get((column.task, _settings(limit, *suite.chat_settings(column))))
+                if previous is not None:
+                    log.info(
+                        "%s / %s: finished in %s, not recomputed",
+                        spec.label,
+                        column.task,
+                        previous,
+                    )
+                    written[spec.label][column.task] = previous
+                    continue
+                if lm is None:  # load only when some task is left to run
+                    loaded = {**args, **spec.load()} if spec.load else args
+                    lm = _load_lm(backend, loaded, backends.batch_size(backend, options))
+                written[spec.label][column.task] = _run_task(
+                    lm, args, column, suite, model_dir, manager, limit, options.seed, log_samples
                 )
-                written[spec.label][column.task] = previous
-                continue
-            if lm is None:  # load only when some task is left to run
-                loaded = {**args, **spec.load()} if spec.load else args
-                lm = _load_lm(backend, loaded, backends.batch_size(backend, options))
-            written[spec.label][column.task] = _run_task(
-                lm, args, column, suite, model_dir, manager, limit, options.seed, log_samples
-            )
         del lm  # free the weights (and vLLM's engine) before the next model loads
         gc.collect()
         on_model_done(spec.label)

@@ -75,6 +75,7 @@ def inspect_recipe(
             "chat": chat,
             "notes": [
                 *([loaded.inputs.precision_note] if loaded.inputs.precision_note else []),
+                *([loaded.inputs.rows_note] if loaded.inputs.rows_note else []),
                 *chat["notes"],
             ],
         },

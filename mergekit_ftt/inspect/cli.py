@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.cli import entry_point, library_logs
+from mergekit_ftt.cli import entry_point, library_logs, require_writable
 from mergekit_ftt.errors import FttError
 from mergekit_ftt.inspect.report import PLOT_FORMATS
 from mergekit_ftt.recipe_file import read_recipe
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _refuse_overwrite(path: Path | None, flag: str) -> None:
-    if path is not None and path.is_dir():
-        raise FttError(f"{flag} {path} is a folder; give a file name")
+    if path is not None:
+        require_writable(path, flag)  # before the analysis, not after it
 
 
 def run(argv: Sequence[str] | None = None) -> int:

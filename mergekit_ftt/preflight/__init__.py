@@ -51,6 +51,7 @@ from mergekit_ftt.preflight.recipe import (
     configured_roles,
     referenced_models,
 )
+from mergekit_ftt.vocabulary_rows import plan_rows
 
 __all__ = [
     "StoredCheckpoint",
@@ -72,19 +73,21 @@ def check_merge(
     """Return the configuration of a ``finetuning_transfer`` recipe to merge, or raise
     :class:`FinetuningTransferError`."""
     check_output_path(out_path)
-    config, precision_note = runnable_config(config, options)
-    if precision_note:
-        note(precision_note, options)
+    config, notes = runnable_config(config, options)
+    for line in (notes or "").splitlines():
+        note(line, options)
     return config
 
 
 def runnable_config(
     config: MergeConfiguration, options: MergeOptions
 ) -> tuple[MergeConfiguration, str | None]:
-    """The input checks of :func:`check_merge`: the configuration to merge and the note on
-    its precision (None when it is the recipe's), or :class:`FinetuningTransferError`."""
+    """The input checks of :func:`check_merge`: the configuration to merge and its notes
+    (precision, vocabulary rows; None when there is nothing to say), or
+    :class:`FinetuningTransferError`."""
     inputs = check_inputs(config, options)
-    return card_safe_paths(inputs.config), inputs.precision_note
+    notes = [line for line in (inputs.precision_note, inputs.rows_note) if line]
+    return card_safe_paths(inputs.config), "\n".join(notes) or None
 
 
 class TransferInputs(NamedTuple):
@@ -99,6 +102,7 @@ class TransferInputs(NamedTuple):
     checkpoints: dict[ModelReference, StoredCheckpoint]
     config: MergeConfiguration
     precision_note: str | None
+    rows_note: str | None = None  # embedding rows added or dropped (vocabulary_rows)
 
 
 def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferInputs:
@@ -127,14 +131,16 @@ def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferI
     allow_vocabulary = config.tokenizer is not None or config.tokenizer_source is not None
     _check_tensors(checkpoints, configs, inputs.deltas, allow_vocabulary)
     plan = plan_precision(config, {model: c.dtypes for model, c in checkpoints.items()})
+    planned, rows_note = plan_rows(plan.config, options)
     return TransferInputs(
         target,
         inputs.source_base,
         inputs.finetuned,
         [model for model in inputs.deltas if model in inputs.stored],
         checkpoints,
-        plan.config,
+        planned,
         plan.message,
+        rows_note,
     )
 
 

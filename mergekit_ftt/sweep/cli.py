@@ -18,13 +18,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
+import re
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_ftt.cli import Stages, add_options, entry_point, library_logs, options_from
+from mergekit_ftt.cli import (
+    Stages,
+    add_options,
+    entry_point,
+    library_logs,
+    options_from,
+    require_writable,
+)
 from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval.options import BackendOptions, RunOptions
 from mergekit_ftt.eval.suites import shipped_suites
@@ -97,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"library logs on the terminal instead of OUT/{LOG_FILE}",
     )
     return parser
+
+
+@contextlib.contextmanager
+def _removed_unless_recorded(out: Path):
+    """An ``--out`` this run made is removed if the run is refused before it holds a sweep
+    (``sweep.json``): a refused run leaves nothing behind; a recorded one can resume."""
+    made = not out.exists()
+    try:
+        yield
+    except (FttError, KeyboardInterrupt):
+        if made and not (out / RUN_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _check_out(out: Path) -> None:
@@ -288,16 +311,28 @@ class Sweep:
         (self.out / RUN_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
+def _negative_alphas_attached(argv: list[str]) -> list[str]:
+    """``--alphas -1,1`` as ``--alphas=-1,1``: argparse takes a value that starts with '-'
+    and is not a single number for an unknown option."""
+    joined = list(argv)
+    for index, (flag, value) in enumerate(itertools.pairwise(argv)):
+        if flag == "--alphas" and re.fullmatch(r"-[\d.][\d.,\s-]*", value):
+            joined[index : index + 2] = [f"--alphas={value}"]
+            break
+    return joined
+
+
 def run(argv: Sequence[str] | None = None) -> None:
+    argv = _negative_alphas_attached(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     alphas = parse_alphas(args.alphas)
     kinds = parse_kinds(args.modules) if args.modules is not None else []
     _check_out(args.out)
+    require_writable(args.out, "--out", folder=True)
     stages = Stages(PROG)
     sweep = Sweep(args, stages)
     load_recipe(args.recipe)  # a wrong recipe fails before lm-eval is even imported
-    args.out.mkdir(parents=True, exist_ok=True)
-    with library_logs(args.out / LOG_FILE, args.verbose):
+    with _removed_unless_recorded(args.out), library_logs(args.out / LOG_FILE, args.verbose):
         stages(f"checking the evaluation: {args.suite or args.tasks}")
         sweep.resolve_evaluation()
         variants = sweep.make_variants(alphas, kinds)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import IO
 
 import yaml
 
-from mergekit_ftt.cli import Stages, entry_point
+from mergekit_ftt.cli import Stages, entry_point, installed_command
 from mergekit_ftt.errors import FttError
 from mergekit_ftt.package_data import find_data_file
 from mergekit_ftt.sources import is_finished_model
@@ -118,9 +117,7 @@ def run_transfer(
 ) -> list[str]:
     """Write the round's recipe and run ``mergekit-yaml`` on it (its output to ``output``,
     default the terminal); return the command."""
-    mergekit_yaml = shutil.which("mergekit-yaml")
-    if mergekit_yaml is None:
-        raise FttError("mergekit-yaml not found: `pip install mergekit-ftt` installs it.")
+    mergekit_yaml = installed_command("mergekit-yaml")
     round_.folder.mkdir(parents=True, exist_ok=True)
     round_.recipe.write_text(yaml.safe_dump(fill_template(template, round_), sort_keys=False))
     command = [mergekit_yaml, str(round_.recipe), str(round_.transferred), *mergekit_args]
