@@ -97,6 +97,7 @@ def staging_of(out: Path) -> Path:
     return out.with_name(f".{out.name}.incomplete")
 
 
+@pytest.mark.slow
 def test_an_output_folder_with_files_is_not_written_into(models, tmp_path):
     target, base, ft = models
     out = tmp_path / "out"

@@ -131,6 +131,7 @@ def moved_symbol_mergekit(root: Path, old: str, new: str) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_moved_registry_symbol_disables_the_plugin_and_mergekit_merges(llama, tmp_path):
     fake = moved_symbol_mergekit(tmp_path / "fake", "registered_methods", "available_methods")
     recipe = {
@@ -151,6 +152,7 @@ def test_moved_registry_symbol_disables_the_plugin_and_mergekit_merges(llama, tm
     assert "mergekit==0.1.5" in warnings[0]
 
 
+@pytest.mark.slow
 def test_moved_run_merge_unregisters_the_method_with_one_warning(tmp_path):
     fake = moved_symbol_mergekit(tmp_path / "fake", "def run_merge(", "def run(")
     registered, warnings = registered_with(fake)

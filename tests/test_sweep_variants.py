@@ -371,6 +371,7 @@ def test_the_preflight_checks_a_sweep_once(recipes, tmp_path):
     assert weights[0] != weights[1]  # each variant still gets its own weights
 
 
+@pytest.mark.slow
 def test_a_sweep_over_a_stored_delta_equals_mergekit(llama, tmp_path):
     """A recipe with `role: delta` (a folder from ftt-delta extract): each variant built in
     memory, and each written to disk by the sweep, equals the one the real mergekit-yaml

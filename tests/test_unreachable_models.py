@@ -221,6 +221,7 @@ def test_offline_with_a_cached_copy_names_its_folder(llama, monkeypatch, tmp_pat
     assert nothing_written(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_paper_recipe_without_network(tmp_path):
     """The seed's symptom: 28 s of retries, then a transformers OSError traceback."""
     endpoint = f"http://127.0.0.1:{closed_port()}"  # nothing listens: connection refused
@@ -238,6 +239,7 @@ def test_paper_recipe_with_hf_hub_offline(tmp_path):
     assert "with HF_HUB_OFFLINE set it cannot come from the Hub either" in line
 
 
+@pytest.mark.slow
 def test_gated_model_through_mergekit_yaml(fake_hub, tmp_path):
     line = refused_by_mergekit_yaml(
         RECIPES / "llama3_plus_delta31.yml", tmp_path, online_env(fake_hub, tmp_path)
@@ -249,6 +251,7 @@ def test_gated_model_through_mergekit_yaml(fake_hub, tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
