@@ -71,6 +71,7 @@ def test_a_killed_extraction_leaves_nothing_that_looks_complete(llama, tmp_path)
     assert files_of(out) == files_of(straight)
 
 
+@pytest.mark.slow
 def test_a_folder_holding_another_delta_is_not_replaced_unasked(llama, tmp_path):
     base = ["--base", str(llama.model("source_base", 2)), "--no-source-hash"]
     out = tmp_path / "delta"

@@ -50,6 +50,7 @@ def test_console_scripts_are_found_beside_the_interpreter(tmp_path):
     assert run.stdout.strip() == str(Path(sys.executable).parent / "mergekit-multi")
 
 
+@pytest.mark.slow
 def test_delta_config_is_covered_and_old_deltas_stay_readable(llama, tmp_path):
     delta = tmp_path / "delta"
     run = run_cli(
@@ -124,6 +125,7 @@ def test_padded_rows_survive_two_iterate_rounds(tmp_path):
     assert "embedding rows" not in run.stdout + run.stderr  # nothing added or dropped
 
 
+@pytest.mark.slow
 def test_rows_dropped_on_request_are_said(tmp_path):
     """A recipe that asks for fewer rows than the target has gets them, with one line."""
     tokenizer = build_tokenizer(CORPUS, vocab_size=300)
