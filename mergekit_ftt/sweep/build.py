@@ -176,7 +176,7 @@ def read_once(
 
 
 class InMemoryModel:
-    """A transformers model and tokenizer made from :func:`write_model_files`' folder,
+    """A transformers model and tokenizer made from :meth:`SweepPlan.write_model_files`' folder,
     as ``from_pretrained`` would make them from a written variant, whose weights are
     replaced by each variant's in turn.
 
