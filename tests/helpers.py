@@ -10,11 +10,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from mergekit_ftt.merge_methods.reference import FORMATS, rounded  # noqa: F401 (re-exported)
 from mergekit_ftt.tiny import build_tokenizer, save_random_model, tiny_config
 
 # Subprocesses must never try the network; mergekit's model card asks the Hub about
@@ -124,26 +124,6 @@ def reference(
             total += weight * (finetuned.double() - source_base[name].double())
         result[name] = rounded((total + target_tensor.double()).numpy(), dtype)
     return result
-
-
-# (significant bits, frexp exponent of the smallest normal number) of each output format.
-FORMATS = {torch.bfloat16: (8, -125), torch.float16: (11, -13), torch.float32: (24, -125)}
-
-
-def rounded(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """float64 values rounded once to ``dtype``, to nearest, ties to even, in NumPy.
-
-    Independent of torch's conversion (which goes through float32 for bf16/fp16): scale
-    each value so that the format's last kept bit is the units digit, round it with
-    ``np.rint`` (exact in float64, ties to even), scale back. Below the smallest normal
-    number the spacing stays that of the subnormals. The result is exactly representable,
-    so torch's final cast does not round.
-    """
-    bits, min_exponent = FORMATS[dtype]
-    _, exponent = np.frexp(values)
-    exponent = np.maximum(exponent, min_exponent)
-    exact = np.ldexp(np.rint(np.ldexp(values, bits - exponent)), exponent - bits)
-    return torch.from_numpy(exact).to(dtype)
 
 
 def nothing_written(out: Path) -> bool:
