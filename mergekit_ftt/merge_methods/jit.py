@@ -107,6 +107,7 @@ def _decode(value):
             shifted = (bits & np.uint32(0x7FFF)) << np.uint32(13)
             # A float16's fields, moved into a float32, read 2^112 too small (normal and
             # subnormal alike); exponent 31 (inf, NaN) becomes float32's 255.
+            magnitude = 0.0
             if shifted >= np.uint32(0x0F800000):
                 magnitude = np.float64(_bits_f32(shifted | np.uint32(0x7F800000)))
             else:
@@ -227,6 +228,30 @@ def _sum(i, target, plus, base, scales, weights):
 
 
 @njit(inline="always")
+def _bracketed(i, target, plus, base, scales, weights, out):
+    """(bits, settled): the float64 sum and an a-priori bound on its error; settled when
+    both ends of the interval round to the same output (then so does the exact value).
+
+    The bound is twice the classic one for k products and k + 1 sums, plus a margin for
+    computing the ends themselves in float64; inf or NaN inputs give IEEE's result.
+    """
+    total = decode(target[i])
+    b = decode(base[i])
+    magnitude = abs(total)
+    for q in range(len(plus)):
+        f = decode(plus[q][i])
+        minus = scales[q] * b
+        total += weights[q] * (f + minus)
+        magnitude += abs(weights[q]) * (abs(f) + abs(minus))
+    bound = (len(plus) + 3) * 2.0**-52 * magnitude + abs(total) * 2.0**-50 + 2.0**-1060
+    low = encode(out, total - bound)
+    finite = np.isfinite(magnitude)
+    return (low if finite else encode(out, total)), (low == encode(out, total + bound)) | (
+        not finite
+    )
+
+
+@njit(inline="always")
 def _general(i, target, plus, base, scales, weights, out):
     """(bits, flagged) of element ``i`` with any weights (:func:`_settle`)."""
     total = decode(target[i])
@@ -255,15 +280,25 @@ def transfer(out, target, plus, base, use_base, weights, general, start, stop):
     (:func:`_settle`), which flags only those whose residual it cannot trust.
     """
     scales = np.where(use_base, -1.0, 0.0)
+    marks = np.empty(CHUNK, dtype=np.uint8)
     flagged = []
     for first in range(np.uint64(start), np.uint64(stop), np.uint64(CHUNK)):
         last = min(first + np.uint64(CHUNK), np.uint64(stop))
         if general:
-            for i in range(first, last):
-                bits, flag = _general(i, target, plus, base, scales, weights, out)
-                out[i] = bits
-                if flag:
-                    flagged.append(i)
+            unsettled = np.uint8(0)
+            for j in range(last - first):
+                bits, settled = _bracketed(first + j, target, plus, base, scales, weights, out)
+                out[first + j] = bits
+                marks[j] = not settled
+                unsettled |= marks[j]
+            if unsettled:  # a few percent of the elements: settle them one by one
+                for j in range(last - first):
+                    if marks[j]:
+                        i = first + j
+                        bits, flag = _general(i, target, plus, base, scales, weights, out)
+                        out[i] = bits
+                        if flag:
+                            flagged.append(i)
             continue
         inexact = np.int64(0)
         for i in range(first, last):
