@@ -57,7 +57,9 @@ def variants(target, source_base, finetuned, threads: int) -> dict:
         )
 
     def torch_kernel():
-        return kernel.torch_transfer(target, source_base, [finetuned], [1.0], torch.bfloat16)
+        return kernel.dense_transfer(
+            target, source_base, [finetuned], [1.0], torch.bfloat16, jit=False
+        )
 
     table = {"bf16 copy, 1 thread": (1, lambda: copy_out.copy_(target))}
     for count in sorted({1, threads}):
@@ -70,7 +72,9 @@ def variants(target, source_base, finetuned, threads: int) -> dict:
 def measure(elements: int, rounds: int, threads: int) -> dict:
     target, source_base, finetuned = inputs(elements)
     table = variants(target, source_base, finetuned, threads)
-    reference = kernel.torch_transfer(target, source_base, [finetuned], [1.0], torch.bfloat16)
+    reference = kernel.dense_transfer(
+        target, source_base, [finetuned], [1.0], torch.bfloat16, jit=False
+    )
     for _, work in table.values():  # compile (numba caches it on disk) and warm up
         work()
     samples: dict[str, list[tuple[float, float]]] = {label: [] for label in table}

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))  # as `python benchmarks/x.py` does: they import harness
 
 
 def _load_script(name: str):
@@ -195,8 +196,11 @@ def test_cache_states_of_the_inputs(tiny_checkpoints):
     assert len(shards) > 3
     bench_merge.set_cache(shards, "warm")
     assert bench_merge.resident_fraction(shards) == 1.0
-    bench_merge.set_cache(shards, "cold")  # dropped where the file system allows it
-    assert 0.0 <= bench_merge.resident_fraction(shards) <= 1.0
+    bench_merge.set_cache(shards, "cold")
+    cold = bench_merge.resident_fraction(shards)
+    if cold == 1.0:
+        pytest.skip("this file system keeps pages in the cache despite POSIX_FADV_DONTNEED")
+    assert cold <= 0.5
 
 
 def test_fewer_layers_keep_every_tensor_shape(tiny_checkpoints, tmp_path):

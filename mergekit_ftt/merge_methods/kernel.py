@@ -57,17 +57,21 @@ def dense_transfer(
     terms: list[Term],
     weights: list[float],
     output_dtype: torch.dtype,
+    jit: bool = True,
 ) -> torch.Tensor:
-    """``target + Σ weightᵢ · Δᵢ`` rounded once to ``output_dtype`` (see the module doc)."""
+    """``target + Σ weightᵢ · Δᵢ`` rounded once to ``output_dtype`` (see the module doc);
+    ``jit`` False takes the torch kernel (for comparisons: the default picks the fused one
+    wherever it runs)."""
     tensors = [target, *(t.tensor if isinstance(t, StoredDelta) else t for t in terms)]
     if source_base is not None:
         tensors.append(source_base)
     fused = (
-        output_dtype in FORMATS
+        jit
+        and output_dtype in FORMATS
         and all(t.device.type == "cpu" and t.dtype in FORMATS for t in tensors)
         and _jit() is not None
     )
-    transfer = _fused_transfer if fused else torch_transfer
+    transfer = _fused_transfer if fused else _torch_transfer
     out = transfer(target, source_base, terms, weights, output_dtype)
     _copy_full_rows(out, terms)
     return out
@@ -272,13 +276,7 @@ def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) ->
     out.copy_(value)
 
 
-def torch_transfer(
-    target: torch.Tensor,
-    source_base: torch.Tensor | None,
-    terms: list[Term],
-    weights: list[float],
-    output_dtype: torch.dtype,
-) -> torch.Tensor:
+def _torch_transfer(target, source_base, terms, weights, output_dtype) -> torch.Tensor:
     """The transfer in float64 torch ops, chunk by chunk, rounded once (any device)."""
     out = torch.empty(target.shape, dtype=output_dtype, device=target.device)
     flat_out = out.view(-1)
