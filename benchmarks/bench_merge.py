@@ -37,7 +37,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -50,12 +49,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+from harness import BENCH_DIR, DEFAULT_RESULTS, GB, REPO, machine_info, machine_line, rounded_once
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 DEFAULT_CHECKPOINTS = BENCH_DIR / "checkpoints"
-DEFAULT_RESULTS = BENCH_DIR / "results"
-GB = 1000**3
 VARIANTS = ("transfer", "task_arithmetic", "full_load", "io_floor")
 LABELS = {
     "transfer": "(a) finetuning_transfer",
@@ -470,22 +466,6 @@ def startup_run(settings: Settings, round_index: int) -> Run:
     return run
 
 
-def rounded_once(values, dtype, chunk: int = 1 << 24):
-    """float64 ``values`` rounded once to ``dtype`` by the tests' NumPy reference, in chunks.
-
-    Not torch's ``.to(torch.bfloat16)``: from float64 it rounds to float32 first, and that
-    double rounding differs from one rounding for a few elements in a billion (8 of
-    1.48B at 1b). Chunks keep NumPy's temporaries small for the 8B embedding.
-    """
-    import torch
-
-    from mergekit_ftt.reference import rounded  # independent of the kernel's rounding
-
-    flat = values.reshape(-1).numpy()
-    parts = [rounded(flat[start : start + chunk], dtype) for start in range(0, flat.size, chunk)]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
-
-
 def verify_outputs(settings: Settings, variants) -> dict[str, dict]:
     """Compare each variant's output with float64 target + (ft − sb), rounded once."""
     from safetensors import safe_open
@@ -527,34 +507,6 @@ def verify_outputs(settings: Settings, variants) -> dict[str, dict]:
                 diff = (got.double() - reference.double()).abs().max().item()
                 entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
     return report
-
-
-def machine_info() -> dict:
-    from importlib.metadata import version
-
-    import torch
-
-    cpu_model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    return {
-        "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
-        "ram_gb": round(int(meminfo["MemTotal"].split()[0]) * 1024 / GB, 1),
-        "available_ram_gb": round(int(meminfo["MemAvailable"].split()[0]) * 1024 / GB, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "mergekit": version("mergekit"),
-        "transformers": version("transformers"),
-        "safetensors": version("safetensors"),
-    }
 
 
 def summarize(runs: list[Run], input_bytes: int) -> dict:
@@ -703,19 +655,6 @@ CACHE_NOTES = {
     "warm": "inputs read into the page cache before each run",
     "as-found": "page cache left as the previous run left it",
 }
-
-
-def machine_line(result: dict) -> str:
-    """The results files' line on the machine, its load and the library versions."""
-    machine = result["machine"]
-    loads = [" / ".join(f"{x:.2f}" for x in result[key]) for key in ("load_average_start", "load_average_end")]  # fmt: skip
-    return (
-        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM "
-        f"({machine['available_ram_gb']} GB available at start); shared with other jobs, load "
-        f"average {loads[0]} at start, {loads[1]} at end (1/5/15 min). torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), mergekit {machine['mergekit']}, transformers "
-        f"{machine['transformers']}."
-    )
 
 
 def render_markdown(result: dict) -> str:

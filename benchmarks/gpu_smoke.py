@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 from bench_merge import Inputs, task_arithmetic_config, transfer_config
+from harness import rounded_once
 
 from mergekit_ftt.tiny import build_tokenizer, tiny_config
 
@@ -127,8 +128,6 @@ def compare_outputs(root: Path, paths: dict[str, Path]) -> dict:
     """CPU and GPU transfers bit-identical, and both equal the float64 reference."""
     from safetensors.torch import load_file
 
-    from mergekit_ftt.reference import rounded
-
     def weights(folder: Path) -> dict[str, torch.Tensor]:
         merged = {}
         for shard in sorted(folder.glob("*.safetensors")):
@@ -145,17 +144,15 @@ def compare_outputs(root: Path, paths: dict[str, Path]) -> dict:
     )
     report = {}
     for label, merged in outputs.items():
-        # Rounded once, in NumPy: torch's float64 → bf16 conversion rounds twice (through
-        # float32) and would flag right elements as wrong.
+        # Rounded once by the NumPy reference: ``.to(bfloat16)`` from float64 goes through
+        # float32 and rounds twice, which made false mismatches at 1b.
         exact = all(
             torch.equal(
                 tensor,
-                rounded(
-                    (
-                        target[name].double() + (finetuned[name].double() - base[name].double())
-                    ).numpy(),
+                rounded_once(
+                    target[name].double() + (finetuned[name].double() - base[name].double()),
                     tensor.dtype,
-                ),
+                ).reshape(tensor.shape),
             )
             for name, tensor in merged.items()
         )

@@ -1,15 +1,15 @@
-"""The dense transfer kernel alone: elements per second against a plain memory copy.
+"""The dense transfer kernel alone, side by side with a plain bf16 copy, in one run.
 
-Times ``_dense_transfer`` (one fine-tuned model, weight 1, bf16 in and out, the
-benchmark checkpoints' statistics) on tensors already in memory, so nothing but the
-arithmetic and its memory traffic is measured, next to ``out.copy_(target)`` of the
-same bf16 tensor on one thread (the kernel runs on one thread). The kernel's default
-chunk size and any others given run in turn, round after round; the table gives the
-median and range over rounds of wall-clock and CPU (user + sys of the process)
-throughput. CPU throughput is what the kernel costs; on a machine shared with other
-jobs, wall-clock throughput also counts the time the kernel waited for a core.
+On tensors already in memory (bf16, the benchmark checkpoints' statistics), round after
+round in turn: ``out.copy_(target)`` of the same tensor (the memory floor), the fused
+kernel with weight 1 (the exactness check only) and with weight 0.7 (every element
+settled from its error terms), each on 1 and on ``--threads`` threads, and today's torch
+kernel on one thread. Every output is compared bit for bit with the torch kernel's
+(weight 1, where float64 is exact on these inputs). Medians and ranges over the rounds of
+wall-clock and CPU throughput: CPU throughput is what the kernel costs; on a machine
+shared with other jobs, wall-clock throughput also counts waiting for a core.
 
-    python benchmarks/kernel_speed.py --chunks 15,17,20
+    python benchmarks/kernel_speed.py --rounds 5
 
 Writes ``benchmarks/results/kernel-<date>-<HHMM>.{md,json}``.
 """
@@ -25,14 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from harness import DEFAULT_RESULTS, machine_info, rates
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))  # run from a checkout without installing
-
-from bench_merge import machine_info  # noqa: E402
-
-from mergekit_ftt.merge_methods import finetuning_transfer as kernel  # noqa: E402
+from mergekit_ftt.merge_methods import kernel
 
 
 def inputs(elements: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,49 +48,73 @@ def timed(work) -> tuple[tuple[float, float], object]:
     return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
-def measure(elements: int, chunks: list[int | None], rounds: int) -> dict:
-    """Throughput of the memory copy and of the kernel at each chunk size (None: default)."""
-    target, source_base, finetuned = inputs(elements)
+def variants(target, source_base, finetuned, threads: int) -> dict:
+    """label -> (torch threads, work). The fused kernel takes torch's thread count."""
     copy_out = torch.empty_like(target)
 
-    def transfer() -> torch.Tensor:
-        return kernel._dense_transfer(target, source_base, [finetuned], [1.0], torch.bfloat16)
+    def fused(weight):
+        return lambda: kernel.dense_transfer(
+            target, source_base, [finetuned], [weight], torch.bfloat16
+        )
 
-    reference = transfer()
-    default = kernel.CHUNK_ELEMENTS
-    samples: dict[str, list[tuple[float, float]]] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    def torch_kernel():
+        return kernel.dense_transfer(
+            target, source_base, [finetuned], [1.0], torch.bfloat16, jit=False
+        )
+
+    # The compiled loop alone, into an output reused round after round: the difference to
+    # the row above it is the fresh output's allocation and first touch.
+    loop_out = torch.empty_like(target)
+    jit = kernel._jit()
+    loop_arrays = (
+        *(kernel._bits(t) for t in (loop_out, target)),
+        (kernel._bits(finetuned),),
+        kernel._bits(source_base),
+        np.array([True]),
+        np.array([1.0]),
+        False,
+    )
+
+    def loop():
+        jit.transfer(*loop_arrays, 0, target.numel())
+        return loop_out
+
+    table = {"bf16 copy, 1 thread": (1, lambda: copy_out.copy_(target))}
+    for count in sorted({1, threads}):
+        table[f"fused, weight 1, {count} thread(s)"] = (count, fused(1.0))
+        table[f"fused, weight 0.7, {count} thread(s)"] = (count, fused(0.7))
+    table["fused loop alone, output reused, weight 1, 1 thread"] = (1, loop)
+    table["torch kernel (fallback), weight 1, 1 thread"] = (1, torch_kernel)
+    return table
+
+
+def measure(elements: int, rounds: int, threads: int) -> dict:
+    target, source_base, finetuned = inputs(elements)
+    table = variants(target, source_base, finetuned, threads)
+    reference = kernel.dense_transfer(
+        target, source_base, [finetuned], [1.0], torch.bfloat16, jit=False
+    )
+    for _, work in table.values():  # compile (numba caches it on disk) and warm up
+        work()
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label in table}
+    before = torch.get_num_threads()
     try:
         for _ in range(rounds):
-            sample, _ = timed(lambda: copy_out.copy_(target))
-            samples.setdefault("memory copy (bf16 → bf16)", []).append(sample)
-            for chunk in chunks:
-                kernel.CHUNK_ELEMENTS = chunk or default
-                sample, merged = timed(transfer)
-                if not torch.equal(merged, reference):
-                    raise RuntimeError(f"chunk {chunk}: output differs")
-                key = f"kernel, chunk 2^{kernel.CHUNK_ELEMENTS.bit_length() - 1}"
-                samples.setdefault(key + ("" if chunk else " (default)"), []).append(sample)
+            for label, (count, work) in table.items():
+                torch.set_num_threads(count)
+                sample, result = timed(work)
+                samples[label].append(sample)
+                if "weight 1" in label and not torch.equal(result, reference):
+                    raise RuntimeError(f"{label}: output differs from the torch kernel's")
     finally:
-        kernel.CHUNK_ELEMENTS = default
-        torch.set_num_threads(threads)
-    return {key: summarize(values, elements) for key, values in samples.items()}
-
-
-def summarize(values: list[tuple[float, float]], elements: int) -> dict:
-    def rates(seconds: list[float]) -> dict:
-        per_second = sorted(elements / s / 1e6 for s in seconds)
-        return {
-            "median": statistics.median(per_second),
-            "min": per_second[0],
-            "max": per_second[-1],
-        }
-
+        torch.set_num_threads(before)
     return {
-        "wall_melem_s": rates([w for w, _ in values]),
-        "cpu_melem_s": rates([c for _, c in values]),
-        "cores_used": statistics.median(c / w for w, c in values),
+        label: {
+            "wall_melem_s": rates(elements, [w for w, _ in values]),
+            "cpu_melem_s": rates(elements, [c for _, c in values]),
+            "cores_used": statistics.median(c / w for w, c in values),
+        }
+        for label, values in samples.items()
     }
 
 
@@ -101,52 +122,49 @@ def render(result: dict) -> str:
     lines = [
         f"# Kernel speed, {result['started_utc']}",
         "",
-        f"{result['elements'] / 1e6:.0f}M bf16 elements, one fine-tuned model, weight 1, one "
-        f"thread; median (min–max) of {result['rounds']} rounds, Melem/s. Machine: "
-        f"{result['machine']['cpu_model']}, {result['machine']['cores']} cores, torch "
-        f"{result['machine']['torch']}; load average (1 min) "
-        f"{result['load_average_start'][0]:.1f} → {result['load_average_end'][0]:.1f}.",
+        f"{result['elements'] / 1e6:.0f}M bf16 elements, one fine-tuned model, bf16 out; "
+        f"median (min–max) of {result['rounds']} rounds, Melem/s, all rows in turn in one "
+        f"run. Machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores, "
+        f"torch {result['machine']['torch']}, numba {result['numba']}; shared with other "
+        f"jobs: load average (1 min) {result['load_average_start'][0]:.1f} at start, "
+        f"{result['load_average_end'][0]:.1f} at end.",
         "",
-        "| | wall Melem/s | CPU Melem/s | cores used (CPU ÷ wall) | CPU ÷ memory copy |",
+        "| | wall Melem/s | CPU Melem/s | cores used (CPU ÷ wall) | CPU ÷ bf16 copy |",
         "|---|---|---|---|---|",
     ]
     settings = result["settings"]
-    copy = next(row for key, row in settings.items() if key.startswith("memory copy"))
+    copy = settings["bf16 copy, 1 thread"]["cpu_melem_s"]["median"]
     for key, row in settings.items():
         wall, cpu = row["wall_melem_s"], row["cpu_melem_s"]
-        ratio = cpu["median"] / copy["cpu_melem_s"]["median"]
         lines.append(
             f"| {key} | {wall['median']:.0f} ({wall['min']:.0f}–{wall['max']:.0f}) | "
             f"{cpu['median']:.0f} ({cpu['min']:.0f}–{cpu['max']:.0f}) | "
-            f"{row['cores_used']:.2f} | "
-            + ("– |" if key.startswith("memory copy") else f"{ratio:.3f} |")
+            f"{row['cores_used']:.2f} | {cpu['median'] / copy:.2f} |"
         )
     lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--elements", type=int, default=1 << 25)
-    parser.add_argument(
-        "--chunks",
-        default="",
-        help="comma-separated log2 of chunk sizes to try besides the kernel's default",
-    )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--results", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     args = parser.parse_args(argv)
     started = dt.datetime.now(dt.timezone.utc)
     result = {
         "started_utc": started.isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "machine": machine_info(),
+        "numba": version("numba"),
         "load_average_start": os.getloadavg(),
         "elements": args.elements,
         "rounds": args.rounds,
     }
-    chunks = [None, *(1 << int(n) for n in args.chunks.split(",") if n)]
-    result["settings"] = measure(args.elements, chunks, args.rounds)
+    result["settings"] = measure(args.elements, args.rounds, args.threads)
     result["load_average_end"] = os.getloadavg()
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"kernel-{started:%Y-%m-%d-%H%M}"

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))  # as `python benchmarks/x.py` does: they import harness
 
 
 def _load_script(name: str):

@@ -1,17 +1,20 @@
-"""The merge kernel against independent NumPy float64 references (mergekit's tensor API)."""
+"""The merge kernel against independent references: NumPy float64 where that is exact,
+Python fractions everywhere (mergekit's tensor API and the kernel itself)."""
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 from mergekit.merge_methods.api import merge_tensors
 
-from mergekit_ftt.merge_methods.finetuning_transfer import (
-    CHUNK_ELEMENTS,
-    FinetuningTransferError,
-    round_once,
-)
+from mergekit_ftt.delta.loader import StoredDelta
+from mergekit_ftt.merge_methods import kernel
+from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
+from mergekit_ftt.merge_methods.kernel import CHUNK_ELEMENTS, round_once
 from mergekit_ftt.reference import FORMATS, rounded
 
 IDS = ["target", "ft_a", "ft_b", "source_base"]
@@ -53,8 +56,10 @@ def transfer(tensors, **parameters):
 # More elements than one work chunk, and a count that is not a multiple of it.
 @pytest.mark.parametrize("shape", [(3, 5), (CHUNK_ELEMENTS // 512 + 3, 512)])
 def test_dense_transfer_is_float64_rounded_once(dtype, shape):
+    """Weights that are powers of two keep the float64 sum exact on such inputs, so the
+    float64 reference is the exact one (other weights: test_kernel_is_exact_...)."""
     tensors = random_inputs(shape, dtype)
-    weights = {"ft_a": 0.7, "ft_b": 1.3}
+    weights = {"ft_a": 0.5, "ft_b": 2.0}
     merged = transfer(tensors, weight=weights)
     expected = numpy_reference(*tensors, weights["ft_a"], weights["ft_b"])
     assert merged.dtype == dtype
@@ -66,8 +71,8 @@ def test_dense_transfer_is_float64_rounded_once(dtype, shape):
 def test_dense_transfer_is_the_same_on_any_number_of_threads(threads):
     """Every chunk is rounded on its own, however torch splits its ops between threads."""
     tensors = random_inputs((10 * CHUNK_ELEMENTS + 77,), torch.bfloat16, seed=4)
-    weights = {"ft_a": 0.3, "ft_b": 1.0}
-    expected = rounded(numpy_reference(*tensors, 0.3, 1.0), torch.bfloat16)
+    weights = {"ft_a": 0.25, "ft_b": 1.0}
+    expected = rounded(numpy_reference(*tensors, 0.25, 1.0), torch.bfloat16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -223,3 +228,167 @@ def test_no_finetuned_model_is_an_error():
             base_index=0,
             parameters={"role": {"source_base": "source_base"}},
         )
+
+
+# ---- the exact reference: Python fractions, rounded by trying the neighbours ----------
+
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+BEYOND_LARGEST = {torch.bfloat16: 2.0**128, torch.float16: 2.0**16, torch.float32: 2.0**128}
+
+
+def exact_rounded(value: Fraction, dtype: torch.dtype) -> float:
+    """``value`` rounded to nearest, ties to even, in ``dtype``: of the representable
+    numbers next to a first guess, the nearest one (infinity counts as the next power of
+    two past the largest finite number, as IEEE 754 rounds)."""
+    if value == 0:
+        return 0.0
+    guess = torch.tensor(float(abs(value)), dtype=torch.float64).to(dtype)
+    start = int(guess.view(BITS[dtype]))
+    infinity = int(torch.tensor(math.inf, dtype=dtype).view(BITS[dtype]))
+    best = None
+    for pattern in range(max(0, start - 2), min(infinity, start + 2) + 1):
+        number = torch.tensor(pattern, dtype=BITS[dtype]).view(dtype).item()
+        distance = abs(
+            Fraction(BEYOND_LARGEST[dtype] if math.isinf(number) else number) - abs(value)
+        )
+        key = (distance, pattern & 1)
+        if best is None or key < best[0]:
+            best = (key, number)
+    return math.copysign(best[1], value)
+
+
+def random_bit_patterns(dtype: torch.dtype, count: int, generator: torch.Generator):
+    """Finite values of every exponent (subnormals and ±0 included), as bit patterns."""
+    bits = BITS[dtype]
+    info = torch.iinfo(bits)
+    patterns = torch.randint(info.min, info.max, (count,), generator=generator, dtype=bits)
+    values = patterns.view(dtype)
+    return torch.where(values.isfinite(), values, torch.zeros((), dtype=dtype))
+
+
+def realistic(dtype: torch.dtype, count: int, generator: torch.Generator):
+    base = torch.randn(count, generator=generator) * 0.02
+    noise = [torch.randn(count, generator=generator) * 0.002 for _ in range(3)]
+    return [(base + n).to(dtype) for n in noise[:2]], base.to(dtype), noise
+
+
+def exact_transfer(target, source_base, terms, weights, dtype) -> torch.Tensor:
+    values = []
+    for i in range(target.numel()):
+        base = Fraction(source_base[i].item())
+        value = Fraction(target[i].item())
+        for term, weight in zip(terms, weights, strict=True):
+            value += Fraction(weight) * (Fraction(term[i].item()) - base)
+        values.append(exact_rounded(value, dtype))
+    return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+
+def same_bits(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal as numbers, and bit for bit where not zero (an exact zero's sign is the
+    sum's order, not a rounding)."""
+    return torch.equal(got == 0, expected == 0) and torch.equal(
+        got.view(BITS[got.dtype])[got != 0], expected.view(BITS[got.dtype])[expected != 0]
+    )
+
+
+WEIGHT_SETS = [[1.0], [0.7], [1.0, -0.5], [0.7, 1.3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("weights", WEIGHT_SETS, ids=str)
+def test_kernel_is_exact_on_random_bit_patterns(dtype, weights):
+    """Exponents far apart, subnormals and zeros: the float64 sum is inexact on many of
+    these elements, and the kernel still returns the exact value rounded once."""
+    generator = torch.Generator().manual_seed(11)
+    count = 1500
+    target, base, *terms = (
+        random_bit_patterns(dtype, count, generator) for _ in range(2 + len(weights))
+    )
+    # Where the float64 sum rounds: t = 1, f = 2^-8, b = -2^-100 lands on a bf16 midpoint.
+    target[:3], terms[0][:3], base[:3] = (
+        1.0,
+        2.0**-8,
+        -(2.0**-100) if dtype != torch.float16 else -(2.0**-24),
+    )
+    got = kernel.dense_transfer(target, base, terms, weights, dtype)
+    assert same_bits(got, exact_transfer(target, base, terms, weights, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("weights", WEIGHT_SETS, ids=str)
+def test_kernel_is_exact_on_realistic_weights(dtype, weights):
+    """Weights like 0.7 put the float64 sum within an ulp of a midpoint on a few percent
+    of bf16 elements: rounding that sum would be wrong there."""
+    generator = torch.Generator().manual_seed(12)
+    finetuned, base, _ = realistic(dtype, 3000, generator)
+    target = (base.double() + torch.randn(3000, generator=generator) * 0.002).to(dtype)
+    terms = finetuned[: len(weights)]
+    got = kernel.dense_transfer(target, base, terms, weights, dtype)
+    assert same_bits(got, exact_transfer(target, base, terms, weights, dtype))
+
+
+@pytest.mark.parametrize("output_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_follows_ieee_on_inf_and_nan(output_dtype):
+    values = torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.0, -0.0, 2.0**-130])
+    target, finetuned, base = (
+        values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(s))]
+        for s in range(3)
+    )
+    got = kernel.dense_transfer(target, base, [finetuned], [1.0], output_dtype)
+    exact = as_float64(target) + (as_float64(finetuned) - as_float64(base))
+    expected = rounded(exact, output_dtype)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_stored_delta_on_an_infinite_target_follows_ieee(weight):
+    """A stored Δ never reads the base (the target stands in for it): 0·inf must not
+    turn the target's inf into NaN."""
+    target = torch.tensor([math.inf, -math.inf, 1.0, math.nan], dtype=torch.bfloat16)
+    delta = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
+    got = kernel.dense_transfer(target, None, [StoredDelta(delta)], [weight], torch.bfloat16)
+    expected = rounded(as_float64(target) + weight * as_float64(delta), torch.bfloat16)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
+
+
+def test_stored_delta_gives_the_three_model_transfer_bit_for_bit():
+    """A bf16 Δ with the exact values of the elements it rounds (the ``exact`` form), and
+    a rounded one, applied with two weights: equal to the transfer from the models."""
+    generator = torch.Generator().manual_seed(13)
+    (finetuned, _), base, noise = realistic(torch.bfloat16, 1 << 16, generator)
+    target = (base.double() + noise[2]).bfloat16()
+    delta = finetuned.double() - base.double()
+    stored = delta.bfloat16()
+    differs = (stored.double() != delta).nonzero().squeeze(1)
+    assert differs.numel() > 100
+    exact = StoredDelta(stored, ((differs, delta[differs].float()),))
+    for weight in (1.0, 0.7):
+        from_models = kernel.dense_transfer(target, base, [finetuned], [weight], torch.bfloat16)
+        from_delta = kernel.dense_transfer(target, None, [exact], [weight], torch.bfloat16)
+        assert torch.equal(from_delta, from_models)
+    rounded_only = kernel.dense_transfer(target, None, [StoredDelta(stored)], [1.0], torch.bfloat16)
+    expected = rounded(target.double().numpy() + stored.double().numpy(), torch.bfloat16)
+    assert torch.equal(rounded_only, expected)
+
+
+def test_torch_kernel_agrees_where_float64_is_exact(monkeypatch):
+    """The fallback (no numba, or --cuda) on real weights with weight 1."""
+    generator = torch.Generator().manual_seed(14)
+    (finetuned, _), base, noise = realistic(torch.bfloat16, 1 << 18, generator)
+    target = (base.double() + noise[2]).bfloat16()
+    fused = kernel.dense_transfer(target, base, [finetuned], [1.0], torch.bfloat16)
+    monkeypatch.setattr(kernel, "_jit", lambda: None)
+    fallback = kernel.dense_transfer(target, base, [finetuned], [1.0], torch.bfloat16)
+    assert torch.equal(fused, fallback)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_is_exact_on_many_random_bit_patterns(dtype):
+    generator = torch.Generator().manual_seed(15)
+    weights = [0.7, -1.0, 2.0**-3]
+    target, base, *terms = (random_bit_patterns(dtype, 40_000, generator) for _ in range(5))
+    got = kernel.dense_transfer(target, base, terms, weights, dtype)
+    assert same_bits(got, exact_transfer(target, base, terms, weights, dtype))

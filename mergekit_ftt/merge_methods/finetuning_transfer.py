@@ -7,9 +7,8 @@ folders that hold FT − M_s already (``ftt-delta extract``), each with its own 
 against the target, which is what ``task_arithmetic`` with ±1 weights gets wrong once
 deltas are sparsified or sign-elected.
 
-The dense transfer is computed in float64, chunk by chunk, and rounded once to the
-merge dtype: the output is bit-identical to a float64 reference rounded to the output
-dtype, and no float copy of a whole input is ever made. With ``sparsification_method``
+The dense transfer is the exact sum rounded once to the merge dtype, in one fused pass
+over memory (:mod:`mergekit_ftt.merge_methods.kernel` states the guarantee). With ``sparsification_method``
 or ``consensus_method`` set, the deltas go through mergekit's own ``sparsify`` and TIES
 sign election (``get_mask``), computed in float32 whatever the merge dtype and rounded
 to the output dtype only at the end. (mergekit's ``ties``/``dare_ties``/``della`` compute
@@ -40,17 +39,7 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 from mergekit_ftt import METHOD_NAME, PAPER_URL
 from mergekit_ftt.delta.loader import StoredDelta, stored_delta
 from mergekit_ftt.errors import FinetuningTransferError
-
-# Elements per float64 work chunk on the CPU: the three scratch buffers (1 MiB each) stay
-# in the cache through the ~10 passes over a chunk, and each pass is long enough that
-# Python's and torch's fixed cost per op stays small. On one thread (the default of a
-# transfer from the command line, mergekit_ftt.merge_options) 2^15 elements cost 24% more
-# CPU per element and 2^20 45% more; with two OpenMP threads on a quiet machine 2^17 was
-# also faster than 2^20 (benchmarks/kernel_speed.py, docs/performance.md).
-CHUNK_ELEMENTS = 1 << 17
-# On an accelerator the kernel's cost is launches, not cache misses: few, large chunks.
-DEVICE_CHUNK_ELEMENTS = 1 << 20
-
+from mergekit_ftt.merge_methods.kernel import Term, dense_transfer
 
 # The floating-point dtypes mergekit reads by name (mergekit.common.dtype_from_name).
 OutputDtype = Literal["float64", "float32", "bfloat16", "float16"]
@@ -130,100 +119,6 @@ def split_roles(roles: Mapping[Hashable, object]) -> Roles:
             f"ftt-delta extract); only {bases[0] if bases else 'the target'} was given."
         )
     return Roles(bases[0] if bases else None, deltas, frozenset(stored))
-
-
-# Significant bits (the implicit one included) of the formats narrower than float32.
-_SIGNIFICANT_BITS = {torch.bfloat16: 8, torch.float16: 11}
-
-
-def round_once(value: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
-    """Write float64 ``value`` into ``out``, rounded once to nearest, ties to even.
-
-    torch converts float64 to bfloat16 or float16 through float32, which rounds twice: a
-    value just above a bf16 midpoint can land exactly on it in float32 and then round down
-    to even. So ``value`` is first rounded *to odd* at two bits more than the output keeps
-    (drop the low mantissa bits, and set the lowest kept bit if any dropped bit was set):
-    that is exact in float32, and rounding it to nearest in the output format then equals
-    rounding ``value`` once (Boldo & Melquiond, "Emulation of FMA and correctly rounded
-    sums: proved algorithms using rounding to odd", 2008). All of it is four in-place
-    integer passes over the float64 bit patterns, which torch runs at copy speed.
-
-    ``value`` (float64, contiguous) is overwritten; ``scratch`` is float64 of its size.
-    """
-    bits = _SIGNIFICANT_BITS.get(out.dtype)
-    if bits is not None:
-        dropped = 53 - (bits + 2)
-        mask = (1 << dropped) - 1
-        value_bits = value.view(torch.int64)
-        low = torch.bitwise_and(value_bits, mask, out=scratch.view(torch.int64))
-        # low + mask carries into bit `dropped` exactly when a dropped bit is set (the
-        # sticky bit); OR it in, then clear the dropped bits: truncation, lowest kept bit
-        # forced to 1 if anything was dropped.
-        value_bits.bitwise_or_(low.add_(mask)).bitwise_and_(~mask)
-    out.copy_(value)
-
-
-Term = torch.Tensor | StoredDelta  # a fine-tuned model's tensor, or a stored Δ
-
-
-def _dense_transfer(
-    target: torch.Tensor,
-    source_base: torch.Tensor | None,
-    terms: list[Term],
-    weights: list[float],
-    output_dtype: torch.dtype,
-) -> torch.Tensor:
-    out = torch.empty(target.shape, dtype=output_dtype, device=target.device)
-    flat_out = out.view(-1)
-    flat_target = target.reshape(-1)
-    flat_terms = [
-        term.tensor.reshape(-1) if isinstance(term, StoredDelta) else term.reshape(-1)
-        for term in terms
-    ]
-    # float64 scratch allocated once per tensor and reused for each chunk. Every input
-    # chunk is first copied into it (a widening copy is exact and fast; arithmetic with a
-    # bf16 operand is several times slower in torch), so all arithmetic is float64 on
-    # float64, in the order of w₁·Δ₁ + w₂·Δ₂ + … + target with Δᵢ = ftᵢ − sb or a stored
-    # Δᵢ (its rounded elements replaced by their exact values), and round_once rounds the
-    # sum to the output dtype once.
-    chunk = CHUNK_ELEMENTS if target.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
-    size = min(chunk, flat_out.numel())
-    delta_sum, base, scratch = (
-        torch.empty(size, dtype=torch.float64, device=target.device) for _ in range(3)
-    )
-    for start in range(0, flat_out.numel(), chunk):
-        window = slice(start, start + chunk)
-        count = min(chunk, flat_out.numel() - start)
-        chunk_sum, chunk_base, chunk_scratch = delta_sum[:count], base[:count], scratch[:count]
-        if source_base is not None:
-            chunk_base.copy_(source_base.reshape(-1)[window])
-        for index, (term, flat, weight) in enumerate(zip(terms, flat_terms, weights, strict=True)):
-            chunk_delta = chunk_scratch if index else chunk_sum
-            chunk_delta.copy_(flat[window])
-            if isinstance(term, StoredDelta):
-                term.correct(chunk_delta, start)
-            else:
-                chunk_delta.sub_(chunk_base)
-            if weight != 1.0:
-                chunk_delta.mul_(weight)
-            if index:
-                chunk_sum.add_(chunk_delta)
-        chunk_sum.add_(chunk_scratch.copy_(flat_target[window]))
-        round_once(chunk_sum, flat_out[window], chunk_scratch)
-    _copy_full_rows(out, terms)
-    return out
-
-
-def _copy_full_rows(out: torch.Tensor, terms: list[Term]) -> None:
-    """Vocabulary rows a delta holds whole (tokens its base lacks) are the fine-tuned
-    model's own rows: the output takes them as they are, as a transfer from the two models
-    does (mergekit fills the target's and base's missing rows with the fine-tuned row)."""
-    for term in terms:
-        if isinstance(term, StoredDelta) and term.full_rows:
-            values = term.exact_rows()
-            rounded = torch.empty(values.shape, dtype=out.dtype, device=out.device)
-            round_once(values, rounded, torch.empty_like(values))
-            out.view(out.shape[0], -1)[list(term.full_rows)] = rounded
 
 
 def default_rescale(method: SparsificationMethod | None) -> bool:
@@ -333,7 +228,7 @@ def finetuning_transfer(
     weights = [weight[model] for model in inputs.deltas]
     rounded_to = dtype_from_name(output_dtype) or target.dtype
     if sparsification_method is None and consensus_method is None and not normalize:
-        return _dense_transfer(target, source_base, terms, weights, rounded_to)
+        return dense_transfer(target, source_base, terms, weights, rounded_to)
     merged = _sparse_transfer(
         target,
         source_base,

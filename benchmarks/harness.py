@@ -1,0 +1,83 @@
+"""What the benchmark scripts share: where results go, the machine line, the reference.
+
+Every script in benchmarks/ imports from here (or from bench_merge.py, for the merge
+measurements), never from tests/.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+DEFAULT_RESULTS = BENCH_DIR / "results"
+GB = 1000**3
+
+
+def machine_info() -> dict:
+    from importlib.metadata import version
+
+    import torch
+
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "ram_gb": round(int(meminfo["MemTotal"].split()[0]) * 1024 / GB, 1),
+        "available_ram_gb": round(int(meminfo["MemAvailable"].split()[0]) * 1024 / GB, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "mergekit": version("mergekit"),
+        "transformers": version("transformers"),
+        "safetensors": version("safetensors"),
+    }
+
+
+def machine_line(result: dict) -> str:
+    """The results files' line on the machine, its load and the library versions."""
+    machine = result["machine"]
+    loads = [" / ".join(f"{x:.2f}" for x in result[key]) for key in ("load_average_start", "load_average_end")]  # fmt: skip
+    return (
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM "
+        f"({machine['available_ram_gb']} GB available at start); shared with other jobs, load "
+        f"average {loads[0]} at start, {loads[1]} at end (1/5/15 min). torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), mergekit {machine['mergekit']}, transformers "
+        f"{machine['transformers']}."
+    )
+
+
+def rounded_once(values, dtype, chunk: int = 1 << 24):
+    """float64 ``values`` rounded once to ``dtype`` by the NumPy reference, in chunks.
+
+    Not torch's ``.to(torch.bfloat16)``: from float64 it rounds to float32 first, and that
+    double rounding differs from one rounding for a few elements in a billion (8 of
+    1.48B at 1b). Chunks keep NumPy's temporaries small for the 8B embedding.
+    """
+    import torch
+
+    from mergekit_ftt.reference import rounded  # independent of the kernel
+
+    flat = values.reshape(-1).numpy()
+    parts = [rounded(flat[start : start + chunk], dtype) for start in range(0, flat.size, chunk)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+def rates(elements: int, seconds: list[float]) -> dict:
+    """Median, min and max of ``elements`` per second, in millions."""
+    per_second = sorted(elements / s / 1e6 for s in seconds)
+    return {"median": statistics.median(per_second), "min": per_second[0], "max": per_second[-1]}

@@ -1,0 +1,369 @@
+"""The numba half of the fused transfer kernel (:mod:`mergekit_ftt.merge_methods.kernel`).
+
+Imported only when a CPU transfer runs: numba costs ~0.4 s to import, which neither the
+start-up hook nor a merge with another method should pay. Every function is compiled
+once per input-dtype combination and cached on disk (``cache=True``).
+
+Formats travel as NumPy arrays of their bits where NumPy or numba lack the type:
+bfloat16 as ``uint16``, float16 as ``int16`` (numba has no float16 on the CPU). The
+array's dtype picks the decoder and encoder at compile time.
+
+Per element, one pass: decode every input to float64, compute ``t + Σ wᵢ(fᵢ − b)`` (a
+stored Δ is a term without ``b``), round once to the output format, and decide whether
+that float64 value is provably the exact sum, or at least rounds like it:
+
+- ``exact_class`` (every weight a power of two, ±1 included): a product by a weight is
+  exact, and a sum of p-bit values whose exponents lie within ``gap`` of each other is
+  exact in float64's 53 bits (``gap = 53 − p − ⌈log₂ n⌉`` for n terms). Elements beyond
+  the gap are flagged.
+- otherwise: error-free transformations (TwoSum, and TwoProduct with an FMA) tell whether
+  every operation was exact; where one was not, the exact value lies within an a-priori
+  bound of the float64 one, and the element is flagged only if the two ends of that
+  interval round to different outputs.
+
+Flagged elements are counted per block; the caller recomputes them exactly
+(:func:`flagged_in_block`, then Python fractions). On realistic weights none are flagged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core.errors import NumbaIRAssumptionWarning
+from numba.extending import intrinsic, overload
+
+# numba's SSA pass warns ("internal pedantic check") about the branches of every function
+# inlined with ``inline="always"``: ~90 warnings on a first compile, about numba's own IR,
+# nothing a user can act on. The compiled code is checked against exact references
+# (tests/test_kernel.py).
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
+
+# Elements per check of the power-of-two kernel: a chunk with a flagged element is
+# computed again, element by element, to list them.
+CHUNK = 1 << 12
+
+
+def _bitcast(source, target):
+    """An intrinsic reading a ``source`` value's bits as ``target`` (an integer argument of
+    another width is truncated or extended first: numba widens integer arithmetic)."""
+
+    @intrinsic
+    def bitcast(typingctx, value):
+        if value != source and not (
+            isinstance(source, types.Integer) and isinstance(value, types.Integer)
+        ):
+            return None
+
+        def codegen(context, builder, signature, args):
+            argument = args[0]
+            if value != source:
+                width = ir.IntType(source.bitwidth)
+                if value.bitwidth > source.bitwidth:
+                    argument = builder.trunc(argument, width)
+                elif value.bitwidth < source.bitwidth:
+                    argument = builder.zext(argument, width)
+            return builder.bitcast(argument, context.get_value_type(target))
+
+        return target(value), codegen
+
+    return bitcast
+
+
+_f64_bits = _bitcast(types.float64, types.int64)
+_bits_f64 = _bitcast(types.int64, types.float64)
+_f32_bits = _bitcast(types.float32, types.uint32)
+_bits_f32 = _bitcast(types.uint32, types.float32)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma: one instruction where the CPU has FMA)."""
+    if not (a == b == c == types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        double = ir.DoubleType()
+        signature = ir.FunctionType(double, [double, double, double])
+        function = builder.module.declare_intrinsic("llvm.fma", [double], signature)
+        return builder.call(function, args)
+
+    return types.float64(types.float64, types.float64, types.float64), codegen
+
+
+# ---- decoding: one input element to float64 (exact) --------------------------------------
+
+
+def decode(value):  # pragma: no cover - replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+@overload(decode, inline="always")
+def _decode(value):
+    if value == types.uint16:  # bfloat16: the top half of a float32
+
+        def bf16(value):
+            return np.float64(_bits_f32(np.uint32(value) << np.uint32(16)))
+
+        return bf16
+    if value == types.int16:  # float16
+
+        def fp16(value):
+            bits = np.uint32(value) & np.uint32(0xFFFF)
+            sign = (bits & np.uint32(0x8000)) << np.uint32(16)
+            shifted = (bits & np.uint32(0x7FFF)) << np.uint32(13)
+            # A float16's fields, moved into a float32, read 2^112 too small (normal and
+            # subnormal alike); exponent 31 (inf, NaN) becomes float32's 255.
+            magnitude = 0.0
+            if shifted >= np.uint32(0x0F800000):
+                magnitude = np.float64(_bits_f32(shifted | np.uint32(0x7F800000)))
+            else:
+                magnitude = np.float64(_bits_f32(shifted)) * 2.0**112
+            return -magnitude if sign else magnitude
+
+        return fp16
+    if value in (types.float32, types.float64):
+        return lambda value: np.float64(value)
+    return None
+
+
+def precision(array):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(precision, inline="always")
+def _precision(array):
+    bits = {types.uint16: 8, types.int16: 11, types.float32: 24, types.float64: 53}
+    significant = bits.get(array.dtype)
+    if significant is None:
+        return None
+    return lambda array: significant
+
+
+# ---- rounding: float64 to the output format, once, to nearest, ties to even ------------
+
+
+def encode(out, value):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(encode, inline="always")
+def _encode(out, value):
+    """The output format's bits of float64 ``value`` rounded once (the array's dtype)."""
+    if out.dtype == types.uint16:
+
+        def bf16(out, value):
+            # Round to odd at 10 bits (8 kept + 2): then float64 → float32 is exact and
+            # rounding that to 8 bits equals rounding ``value`` once (Boldo–Melquiond).
+            single = np.float32(_bits_f64(_round_to_odd(_f64_bits(value), 43)))
+            bits = _f32_bits(single)
+            if single != single:  # NaN: quiet, sign kept
+                return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+            rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            return np.uint16(rounded >> np.uint32(16))
+
+        return bf16
+    if out.dtype == types.int16:
+
+        def fp16(out, value):
+            single = np.float32(_bits_f64(_round_to_odd(_f64_bits(value), 40)))
+            return np.int16(_float32_to_half(_f32_bits(single)))  # same bits
+
+        return fp16
+    if out.dtype == types.float32:
+        return lambda out, value: np.float32(value)
+    return None
+
+
+@njit(inline="always")
+def _round_to_odd(bits, dropped):
+    """Drop the low ``dropped`` mantissa bits; set the lowest kept one if any was set."""
+    mask = (np.int64(1) << np.int64(dropped)) - np.int64(1)
+    low = bits & mask
+    return (bits | (low + mask)) & ~mask
+
+
+@njit(inline="always")
+def _float32_to_half(bits):
+    """float32 bits → float16 bits, to nearest, ties to even (F. Giesen's branch-light form)."""
+    sign = bits & np.uint32(0x80000000)
+    magnitude = bits ^ sign
+    half = np.uint32(0)
+    if magnitude >= np.uint32(0x47800000):  # ≥ 2^16: inf, or NaN (quiet)
+        half = np.uint32(0x7E00) if magnitude > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    elif magnitude < np.uint32(0x38800000):  # below 2^-14: float16 subnormal or zero
+        # Adding 0.5 puts the float16 subnormal spacing (2^-24) at float32's last bit.
+        total = _bits_f32(magnitude) + np.float32(0.5)
+        half = _f32_bits(total) - np.uint32(0x3F000000)
+    else:
+        odd = (magnitude >> np.uint32(13)) & np.uint32(1)
+        half = (magnitude - np.uint32(0x38000000) + np.uint32(0xFFF) + odd) >> np.uint32(13)
+    return np.uint16(half | (sign >> np.uint32(16)))
+
+
+@njit(inline="always")
+def _two_sum(a, b):
+    """(RN(a + b), the exact error): a + b = sum + error exactly (Knuth's TwoSum)."""
+    total = a + b
+    shifted = total - a
+    return total, (a - (total - shifted)) + (b - shifted)
+
+
+@njit(inline="always")
+def _unit(value):
+    """The spacing of float64 numbers at ``value`` (its ulp), for finite ``value``."""
+    bits = _f64_bits(abs(value)) & np.int64(0x7FF0000000000000)
+    return max(_bits_f64(bits) * 2.0**-52, 2.0**-1074)
+
+
+# ---- the kernel ------------------------------------------------------------------------
+# Indices are unsigned: numba then drops its check for negative indices, which would
+# stop the compiler from vectorising the loops.
+
+
+@njit(inline="always")
+def _minus_base(scale, b):
+    """−b for a fine-tuned model's term (scale −1), 0 for a stored Δ's (scale 0), which
+    never reads the base: 0·b would be NaN where b (the target, then) is inf."""
+    return scale * b if scale != 0.0 else 0.0
+
+
+@njit(inline="always")
+def _sum(i, target, plus, base, scales, weights):
+    """(float64 ``t + Σ wᵢ(fᵢ − b)``, OR of the bits of every addition's exact error)."""
+    total = decode(target[i])
+    b = decode(base[i])
+    errors = np.int64(0)
+    for q in range(len(plus)):
+        d, d_error = _two_sum(decode(plus[q][i]), _minus_base(scales[q], b))
+        total, sum_error = _two_sum(total, weights[q] * d)
+        errors |= _f64_bits(d_error) | _f64_bits(sum_error)
+    return total, errors & np.int64(0x7FFFFFFFFFFFFFFF)  # −0.0 is no error
+
+
+@njit(inline="always")
+def _bracketed(i, target, plus, base, scales, weights, out):
+    """(bits, settled): the float64 sum and an a-priori bound on its error; settled when
+    both ends of the interval round to the same output (then so does the exact value).
+
+    The bound is twice the classic one for k products and k + 1 sums, plus a margin for
+    computing the ends themselves in float64; inf or NaN inputs give IEEE's result.
+    """
+    total = decode(target[i])
+    b = decode(base[i])
+    magnitude = abs(total)
+    for q in range(len(plus)):
+        f = decode(plus[q][i])
+        minus = _minus_base(scales[q], b)
+        total += weights[q] * (f + minus)
+        magnitude += abs(weights[q]) * (abs(f) + abs(minus))
+    bound = (len(plus) + 3) * 2.0**-52 * magnitude + abs(total) * 2.0**-50 + 2.0**-1060
+    low = encode(out, total - bound)
+    finite = np.isfinite(magnitude)
+    return (low if finite else encode(out, total)), (low == encode(out, total + bound)) | (
+        not finite
+    )
+
+
+@njit(inline="always")
+def _general(i, target, plus, base, scales, weights, out):
+    """(bits, flagged) of element ``i`` with any weights (:func:`_settle`)."""
+    total = decode(target[i])
+    b = decode(base[i])
+    residual = 0.0
+    lost = 0.0  # ≥ |exact residual − residual|: the errors of summing the residual
+    for q in range(len(plus)):
+        weight = weights[q]
+        d, d_error = _two_sum(decode(plus[q][i]), _minus_base(scales[q], b))
+        product = weight * d
+        total, sum_error = _two_sum(total, product)
+        scaled = weight * d_error
+        residual, error_1 = _two_sum(residual, sum_error)
+        residual, error_2 = _two_sum(residual, _fma(weight, d, -product))
+        residual, error_3 = _two_sum(residual, scaled)
+        lost += abs(error_1) + abs(error_2) + abs(error_3) + abs(_fma(weight, d_error, -scaled))
+    return _settle(total, residual, 2.0 * lost, out)
+
+
+@njit(nogil=True, cache=True)
+def transfer(out, target, plus, base, use_base, weights, general, start, stop):
+    """Fill ``out[start:stop]``; returns the indices of the flagged elements there.
+
+    ``general`` False (every weight a power of two): an element is flagged unless every
+    float64 operation was exact. ``general`` True: elements are settled one by one
+    (:func:`_settle`), which flags only those whose residual it cannot trust.
+    """
+    scales = np.where(use_base, -1.0, 0.0)
+    marks = np.empty(CHUNK, dtype=np.uint8)
+    flagged = []
+    for first in range(np.uint64(start), np.uint64(stop), np.uint64(CHUNK)):
+        last = min(first + np.uint64(CHUNK), np.uint64(stop))
+        if general:
+            unsettled = np.uint8(0)
+            for j in range(last - first):
+                bits, settled = _bracketed(first + j, target, plus, base, scales, weights, out)
+                out[first + j] = bits
+                marks[j] = not settled
+                unsettled |= marks[j]
+            if unsettled:  # a few percent of the elements: settle them one by one
+                for j in range(last - first):
+                    if marks[j]:
+                        i = first + j
+                        bits, flag = _general(i, target, plus, base, scales, weights, out)
+                        out[i] = bits
+                        if flag:
+                            flagged.append(i)
+            continue
+        inexact = np.int64(0)
+        for i in range(first, last):
+            total, errors = _sum(i, target, plus, base, scales, weights)
+            out[i] = encode(out, total)
+            inexact |= errors
+        if inexact:  # rare: list the elements
+            for i in range(first, last):
+                total, errors = _sum(i, target, plus, base, scales, weights)
+                if errors and np.isfinite(total):
+                    flagged.append(i)
+    return np.array(flagged, dtype=np.int64)
+
+
+@njit(inline="always")
+def _settle(total, residual, uncertain, out):
+    """(bits, flagged) of the exact value ``total + residual ± uncertain`` rounded once.
+
+    Rounding ``total`` to odd at 53 bits with the residual as sticky bit — the neighbour
+    toward the residual where ``total``'s last bit is even — then once to the output
+    equals rounding the exact value once (Boldo–Melquiond). That needs the residual's
+    sign (certain when it exceeds ``uncertain``) and the exact value to lie before that
+    neighbour; elements where either fails are flagged.
+    """
+    if not np.isfinite(total) or (residual == 0.0 and uncertain == 0.0):
+        return encode(out, total), False
+    # Renormalise (TwoSum, exact): |residual| ≤ ulp(total)/2 now.
+    total, error = _two_sum(total, residual)
+    residual = error
+    toward_zero = (residual > 0.0) != (total > 0.0)
+    power_of_two = (_f64_bits(total) & np.int64(0xFFFFFFFFFFFFF)) == 0
+    room = _unit(total) * (0.5 if toward_zero and power_of_two else 1.0)
+    if abs(residual) <= uncertain or abs(residual) + uncertain >= room:
+        return encode(out, total), residual != 0.0 or uncertain != 0.0
+    if (_f64_bits(total) & np.int64(1)) == 0:  # even: step to the odd neighbour
+        if total == 0.0:
+            total = 2.0**-1074 if residual > 0.0 else -(2.0**-1074)
+        else:
+            larger = (residual > 0.0) == (total > 0.0)  # the magnitude grows
+            total = _bits_f64(_f64_bits(total) + (np.int64(1) if larger else np.int64(-1)))
+    return encode(out, total), False
+
+
+@njit(nogil=True, cache=True)
+def settle(indices, out, target, plus, base, use_base, weights):
+    """Recompute the elements at ``indices`` (flagged by the power-of-two kernel) the
+    general way; returns those still flagged, for an exact computation in Python."""
+    left = []
+    for i in indices:
+        for index in transfer(out, target, plus, base, use_base, weights, True, i, i + 1):
+            left.append(index)
+    return np.array(left, dtype=np.int64)
