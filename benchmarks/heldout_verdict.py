@@ -50,13 +50,15 @@ def main() -> None:
     )
     fit_seeds = [seed for _, seed in calibrating]
     presets = sorted({preset for preset, _ in heldout})
+    fitted_on = ", ".join(f"{preset} seed {seed['seed']}" for preset, seed in calibrating)
     groups = {
         preset: calibration.heldout_report(
-            fit_seeds, [seed for name, seed in heldout if name == preset]
+            fit_seeds,
+            [seed for name, seed in heldout if name == preset],
+            fitted_on=fitted_on,
         )
         for preset in presets
     }
-    fitted_on = ", ".join(f"{preset} seed {seed['seed']}" for preset, seed in calibrating)
     summary = {
         "calibration": [str(path) for path in args.calibration],
         "calibration_seeds": [[preset, seed["seed"]] for preset, seed in calibrating],

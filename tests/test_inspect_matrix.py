@@ -177,12 +177,23 @@ def test_heldout_seeds_exclude_those_the_shipped_calibration_saw():
 
 def test_levels_agree_when_the_measured_efficiency_falls_in_the_predicted_band():
     seed = _seed(0, [(0.2, 0.9), (0.2, 0.5), (1.0, 0.5), (5.0, 0.1), (5.0, 0.8)])
+    seed["pairs"][0]["verdict"] = {"in_range": False}
     row = calibration.score_seed(seed, "model.gap_to_delta", s50=1.0, k=2.0)
+    assert row["out_of_range"] == 1
     assert row["level_agreement"] == pytest.approx(3 / 5)
     assert [band["pairs"] for band in row["bands"].values()] == [2, 1, 2]
     assert row["spearman"] == pytest.approx(
         -calibration.spearman([0.2, 0.2, 1, 5, 5], [0.9, 0.5, 0.5, 0.1, 0.8])
     )
+
+
+def test_a_heldout_seed_where_no_finetuning_gained_enough_gets_no_figures():
+    empty = _seed(7, [(0.5, None), (2.0, None)])
+    report = calibration.heldout_report([_seed(0, _curve(1.0, 2.0))], [empty])
+    (row,) = report["shipped"]["per_seed"]
+    assert row["pairs"] == 0 and row["rms_error"] is None and row["spearman"] is None
+    assert report["shipped"]["spread"]["rms_error"] is None
+    assert "| 7 | 0 (0) | – | – | – |" in calibration.heldout_text(report)
 
 
 def test_seed_lists_and_the_demo_flags_that_take_them():

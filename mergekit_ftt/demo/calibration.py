@@ -322,7 +322,9 @@ def measured_level(efficiency: float) -> str:
 def score_seed(seed: dict, statistic: str, s50: float, k: float) -> dict:
     """How the curve (s50, k) on ``statistic`` predicts one seed's measured efficiencies:
     Spearman ρ (sign flipped: higher is better), RMS error, the pairs each level got with their
-    median efficiency, and the share of pairs whose level matches the measured one."""
+    median efficiency, and the share of pairs whose level matches the measured one. A seed
+    with no pair whose efficiency could be measured (every FT(Mi) gained less than MIN_GAIN)
+    gets None for each figure."""
     points = _points([seed], statistic)
     limits = thresholds(s50, k)
     bands: dict[str, list[float]] = {"likely": [], "partial": [], "unlikely": []}
@@ -339,12 +341,15 @@ def score_seed(seed: dict, statistic: str, s50: float, k: float) -> dict:
         agree += level == measured_level(measured)
     errors = [predicted_efficiency(value, s50, k) - measured for value, measured in points]
     rho = spearman([v for v, _ in points], [e for _, e in points])
+    verdicts = [row["verdict"] for row in seed["pairs"] if "verdict" in row]
     return {
         "seed": seed["seed"],
         "pairs": len(points),
+        # pairs ftt-inspect itself called out of its calibrated range (scored here anyway)
+        "out_of_range": sum(not verdict.get("in_range", True) for verdict in verdicts),
         "spearman": None if rho is None else -rho,
-        "rms_error": math.sqrt(stats.fmean(e * e for e in errors)),
-        "level_agreement": agree / len(points),
+        "rms_error": math.sqrt(stats.fmean(e * e for e in errors)) if points else None,
+        "level_agreement": agree / len(points) if points else None,
         "bands": {
             band: {"pairs": len(v), "median_efficiency": stats.median(v) if v else None}
             for band, v in bands.items()
@@ -356,8 +361,10 @@ def spread(rows: Sequence[dict]) -> dict:
     """Mean, standard deviation, min and max over held-out seeds of ρ, RMS error and level
     agreement; the RMS error also pooled over every pair."""
 
-    def describe(key: str) -> dict:
+    def describe(key: str) -> dict | None:
         values = [row[key] for row in rows if row[key] is not None]
+        if not values:
+            return None
         return {
             "mean": stats.fmean(values),
             "sd": stats.stdev(values) if len(values) > 1 else None,
@@ -365,14 +372,15 @@ def spread(rows: Sequence[dict]) -> dict:
             "max": max(values),
         }
 
-    pooled = sum(row["rms_error"] ** 2 * row["pairs"] for row in rows)
+    measured = [row for row in rows if row["pairs"]]
+    pooled = sum(row["rms_error"] ** 2 * row["pairs"] for row in measured)
+    pairs = sum(row["pairs"] for row in measured)
     return {
         "seeds": len(rows),
         "spearman": describe("spearman"),
-        "rms_error": {
-            **describe("rms_error"),
-            "pooled": math.sqrt(pooled / sum(row["pairs"] for row in rows)),
-        },
+        "rms_error": None
+        if not pairs
+        else {**describe("rms_error"), "pooled": math.sqrt(pooled / pairs)},
         "level_agreement": describe("level_agreement"),
     }
 
@@ -381,10 +389,12 @@ def heldout_report(
     calibrating: Sequence[dict],
     heldout: Sequence[dict],
     compared: Sequence[str] = COMPARED,
+    fitted_on: str | None = None,
 ) -> dict:
     """Held-out figures. ``shipped``: verdict_calibration.json's curve, unrefitted, on every
     held-out seed; ``refit``: per statistic in ``compared``, the curve fitted on the
-    ``calibrating`` seeds' pairs only (none: no refit) and scored on the held-out ones. Callers
+    ``calibrating`` seeds' pairs only (none: no refit) and scored on the held-out ones;
+    ``fitted_on`` names those seeds in the text (default "seeds 0, 1, 2"). Callers
     make sure no held-out seed is a calibrating one or one the shipped file saw
     (:class:`SeedSplit`, :func:`shipped_seeds`)."""
     curve = shipped_calibration()["curve"]
@@ -393,6 +403,7 @@ def heldout_report(
     ]
     report = {
         "calibration_seeds": [seed["seed"] for seed in calibrating],
+        "fitted_on": fitted_on or f"seeds {', '.join(str(seed['seed']) for seed in calibrating)}",
         "heldout_seeds": [seed["seed"] for seed in heldout],
         "shipped": {
             "version": shipped_calibration()["version"],
@@ -403,13 +414,18 @@ def heldout_report(
         },
         "refit": [],
     }
-    for statistic in compared if calibrating else ():
-        fit = fit_curve(_points(calibrating, statistic))
+    for statistic in compared:
+        points = _points(calibrating, statistic)
+        if not points:  # no calibrating seed, or none that has this statistic
+            continue
+        fit = fit_curve(points)
         rows = [score_seed(seed, statistic, fit["s50"], fit["k"]) for seed in heldout]
         report["refit"].append(
             {"statistic": statistic, "fit": fit, "per_seed": rows, "spread": spread(rows)}
         )
-    report["refit"].sort(key=lambda entry: entry["spread"]["rms_error"]["pooled"])
+    report["refit"].sort(
+        key=lambda entry: (_pooled(entry["spread"]) is None, _pooled(entry["spread"]) or 0)
+    )
     return report
 
 
@@ -434,7 +450,14 @@ def matrix_heldout(seeds: Sequence[dict], split: SeedSplit, preset: str) -> dict
     return heldout_report(*split.parts(seeds))
 
 
-def _spread_cell(entry: dict, digits: int) -> str:
+def _pooled(spread_: dict) -> float | None:
+    """The pooled RMS error of a :func:`spread` (None when no pair was measured)."""
+    return None if spread_["rms_error"] is None else spread_["rms_error"]["pooled"]
+
+
+def _spread_cell(entry: dict | None, digits: int) -> str:
+    if entry is None:
+        return "–"
     sd = "" if entry["sd"] is None else f" ± {entry['sd']:.{digits}f}"
     return f"{entry['mean']:.{digits}f}{sd} ({entry['min']:.{digits}f}–{entry['max']:.{digits}f})"
 
@@ -456,21 +479,24 @@ def heldout_text(report: dict) -> str:
     """The held-out figures as Markdown: the shipped curve per seed, then every refitted
     statistic's spread (mean ± SD (min–max) over the held-out seeds)."""
     shipped, total = report["shipped"], report["shipped"]["spread"]
-    header = ["seed", "pairs", "Spearman ρ", "RMS error", "level agreement"]
+    header = ["seed", "pairs (out of range)", "Spearman ρ", "RMS error", "level agreement"]
     lines = [
         f"Held-out seeds {', '.join(map(str, report['heldout_seeds']))}: the shipped "
         f"calibration (v{shipped['version']}, {shipped['statistic']}, s50 "
-        f"{shipped['curve']['s50']}, k {shipped['curve']['k']}), not refitted.",
+        f"{shipped['curve']['s50']}, k {shipped['curve']['k']}), not refitted. Levels from its "
+        "thresholds for every pair, also those ftt-inspect called out of its calibrated range "
+        "(counted in brackets); level agreement: the share of pairs whose measured efficiency "
+        f"falls in the predicted level's band (likely ≥ {LIKELY}, unlikely ≤ {UNLIKELY}).",
         "",
         *_table(
             [*header, "likely / partial / unlikely (median eff.)"],
             [
                 [
                     str(row["seed"]),
-                    str(row["pairs"]),
+                    f"{row['pairs']} ({row['out_of_range']})",
                     _cell(row["spearman"], 2),
-                    f"{row['rms_error']:.3f}",
-                    f"{row['level_agreement']:.2f}",
+                    _cell(row["rms_error"], 3),
+                    _cell(row["level_agreement"], 2),
                     _bands_cell(row["bands"]),
                 ]
                 for row in shipped["per_seed"]
@@ -479,14 +505,13 @@ def heldout_text(report: dict) -> str:
         "",
         f"Mean ± SD (min–max) over {total['seeds']} held-out seed(s): Spearman ρ "
         f"{_spread_cell(total['spearman'], 2)}; RMS error {_spread_cell(total['rms_error'], 3)}, "
-        f"pooled {total['rms_error']['pooled']:.3f}; level agreement "
+        f"pooled {_cell(_pooled(total), 3)}; level agreement "
         f"{_spread_cell(total['level_agreement'], 2)}.",
     ]
     if report["refit"]:
-        fitted_on = ", ".join(map(str, report["calibration_seeds"]))
         lines += [
             "",
-            f"Each statistic's curve fitted on seeds {fitted_on} only and scored on the held-out "
+            f"Each statistic's curve fitted on {report['fitted_on']} only and scored on the held-out "
             "seeds (mean ± SD (min–max); best pooled RMS first):",
             "",
             *_table(
@@ -497,7 +522,7 @@ def heldout_text(report: dict) -> str:
                         f"{entry['fit']['s50']:.3g}, {entry['fit']['k']:.2f}",
                         _spread_cell(entry["spread"]["spearman"], 2),
                         _spread_cell(entry["spread"]["rms_error"], 3),
-                        f"{entry['spread']['rms_error']['pooled']:.3f}",
+                        _cell(_pooled(entry["spread"]), 3),
                         _spread_cell(entry["spread"]["level_agreement"], 2),
                     ]
                     for entry in report["refit"]
