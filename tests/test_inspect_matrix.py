@@ -218,6 +218,14 @@ def test_seed_lists_and_the_demo_flags_that_take_them():
         cli.matrix_seeds(overlapping)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--heldout-seeds", "three"])
+    counted = cli.build_parser().parse_args(["--matrix", "2", "--heldout-seeds", "3-5"])
+    cli._refuse_unused_with_matrix(counted)
+    with pytest.raises(FttError, match="--matrix 2 and the 3 calibration and held-out seeds"):
+        cli.matrix_seeds(counted)
+    alone = cli.build_parser().parse_args(["--calibration-seeds", "0"])
+    cli._refuse_unused_with_matrix(alone)
+    with pytest.raises(FttError, match="needs --heldout-seeds"):
+        cli.matrix_seeds(alone)
 
 
 def test_llama_preset_is_another_architecture_task_and_finetuning(tmp_path):

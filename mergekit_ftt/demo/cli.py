@@ -198,21 +198,23 @@ def matrix_seeds(args: argparse.Namespace) -> tuple[list[int], SeedSplit | None]
         if args.calibration_seeds is not None:
             raise FttError("--calibration-seeds needs --heldout-seeds, the seeds to score it on")
         return list(range(args.seed, args.seed + args.matrix)), None
-    if args.matrix not in (None, 3) and args.matrix != len(
-        {*(args.calibration_seeds or ()), *args.heldout_seeds}
-    ):
-        raise FttError("--matrix SEEDS and --heldout-seeds disagree: give the seeds once")
     try:
         split = SeedSplit(args.calibration_seeds or (), args.heldout_seeds)
     except ValueError as error:
         raise FttError(str(error)) from None
+    if getattr(args, "matrix_given", False) and args.matrix != len(split.seeds):
+        raise FttError(
+            f"--matrix {args.matrix} and the {len(split.seeds)} calibration and held-out seeds "
+            "disagree: drop --matrix, the seed lists say which seeds run"
+        )
     return list(split.seeds), split
 
 
 def _refuse_unused_with_matrix(args: argparse.Namespace) -> None:
     """--matrix runs its own stages: what it cannot honour is refused, never ignored."""
+    args.matrix_given = args.matrix is not None
     if args.heldout_seeds is not None or args.calibration_seeds is not None:
-        args.matrix = 3 if args.matrix is None else args.matrix
+        args.matrix = 3 if args.matrix is None else args.matrix  # the seed lists imply --matrix
     if args.matrix is None:
         return
     if args.matrix < 1:
