@@ -13,6 +13,9 @@ For each group:
   seeds' pairs only and scored on the held-out ones: the same fit carried to another seed of
   the same miniature, or to another miniature.
 
+With held-out seeds of more than one preset, the group ``all`` pools them (seeds named
+"PRESET SEED").
+
 A held-out seed that the calibration seeds or the shipped file contain (same preset and seed)
 is refused (``calibration.check_heldout``). Per seed: Spearman ρ between the statistic and the
 measured efficiency (sign flipped: higher is better), the curve's RMS error, level agreement;
@@ -59,6 +62,12 @@ def main() -> None:
         )
         for preset in presets
     }
+    if len(presets) > 1:  # every held-out seed of every miniature, as one set
+        groups["all"] = calibration.heldout_report(
+            fit_seeds,
+            [{**seed, "seed": f"{preset} {seed['seed']}"} for preset, seed in heldout],
+            fitted_on=fitted_on,
+        )
     summary = {
         "calibration": [str(path) for path in args.calibration],
         "calibration_seeds": [[preset, seed["seed"]] for preset, seed in calibrating],
@@ -67,7 +76,8 @@ def main() -> None:
     }
     lines = [f"Refits use {fitted_on}; nothing below was fitted on the seeds it scores.", ""]
     for preset, report in groups.items():
-        lines += [f"## Held out: {preset} preset", "", calibration.heldout_text(report), ""]
+        title = "every held-out seed" if preset == "all" else f"{preset} preset"
+        lines += [f"## Held out: {title}", "", calibration.heldout_text(report), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     args.out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
