@@ -273,4 +273,6 @@ def test_llama_quick_matrix_scores_the_shipped_verdict_on_heldout_seeds(tmp_path
     (seed,) = summary["seeds"]
     assert seed["scores"]["FT(M3)"] > seed["scores"]["M3"]
     pairs = {row["label"]: row for row in seed["pairs"]}
-    assert pairs["M3 + Δ2"]["verdict"]["in_range"] is True
+    gap = {label: pair["candidates"]["model.gap_to_delta"] for label, pair in pairs.items()}
+    assert gap["M3 + Δ2"] < gap["M3 + Δ1"]  # the two stage-2 checkpoints lie closest
+    assert row["out_of_range"] == sum(not pair["verdict"]["in_range"] for pair in seed["pairs"])
