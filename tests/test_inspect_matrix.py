@@ -222,6 +222,14 @@ def test_seed_lists_and_the_demo_flags_that_take_them():
     cli._refuse_unused_with_matrix(counted)
     with pytest.raises(FttError, match="--matrix 2 and the 3 calibration and held-out seeds"):
         cli.matrix_seeds(counted)
+    for argv, message in (
+        (["--quick", "--preset", "llama", "--matrix"], "give one of --quick and --preset llama"),
+        (["--preset", "llama"], "a miniature for the matrix"),
+    ):
+        conflicting = cli.build_parser().parse_args(argv)
+        cli._refuse_unused_with_matrix(conflicting)
+        with pytest.raises(FttError, match=message):
+            cli.preset_of(conflicting)
     alone = cli.build_parser().parse_args(["--calibration-seeds", "0"])
     cli._refuse_unused_with_matrix(alone)
     with pytest.raises(FttError, match="needs --heldout-seeds"):

@@ -187,9 +187,16 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def preset_of(args: argparse.Namespace) -> str:
+    """The preset asked for; the Llama ones belong to the matrix (the plain demo's table and
+    captions describe the OLMo 2 sums)."""
     if args.quick and args.preset not in (None, "quick"):
         raise FttError(f"--quick is --preset quick: give one of --quick and --preset {args.preset}")
-    return "quick" if args.quick else args.preset or "full"
+    preset = "quick" if args.quick else args.preset or "full"
+    if args.matrix is None and preset not in ("full", "quick"):
+        raise FttError(
+            f"--preset {preset} is a miniature for the matrix: add --matrix or --heldout-seeds"
+        )
+    return preset
 
 
 def matrix_seeds(args: argparse.Namespace) -> tuple[list[int], SeedSplit | None]:
