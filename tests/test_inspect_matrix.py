@@ -175,6 +175,13 @@ def test_heldout_seeds_exclude_those_the_shipped_calibration_saw():
         calibration.matrix_heldout(seeds, calibration.SeedSplit((3,), (2,)), "full")
 
 
+def test_a_heldout_seed_the_shipped_file_was_fitted_on_is_refused_before_anything_runs(tmp_path):
+    split = calibration.SeedSplit((), (2, 3))
+    with pytest.raises(FttError, match="full seed 2: used by the calibration"):
+        matrix.run(tmp_path / "out", "full", split.seeds, 1, False, split)
+    assert not (tmp_path / "out").exists()
+
+
 def test_levels_agree_when_the_measured_efficiency_falls_in_the_predicted_band():
     seed = _seed(0, [(0.2, 0.9), (0.2, 0.5), (1.0, 0.5), (5.0, 0.1), (5.0, 0.8)])
     seed["pairs"][0]["verdict"] = {"in_range": False}

@@ -342,7 +342,15 @@ def run(
 ) -> dict:
     """The whole matrix for ``seeds``; writes and prints the report. With ``split``, the
     report fits the verdict's curve on its calibration seeds only and scores it, and the
-    shipped calibration, on its held-out seeds (:func:`calibration.heldout_report`)."""
+    shipped calibration, on its held-out seeds (:func:`calibration.heldout_report`); a held-out
+    seed that a fit used is refused before anything runs."""
+    if split is not None:
+        try:
+            calibration.check_heldout(
+                [(preset, n) for n in split.calibration], [(preset, n) for n in split.heldout]
+            )
+        except ValueError as error:
+            raise FttError(str(error)) from None
     config = load_config(preset)
     root = out / f"matrix-{preset}"
     settings = {
