@@ -1,106 +1,86 @@
-"""ftt-inspect's shipped verdict scored on matrices its calibration never saw.
+"""ftt-inspect's verdict scored on matrix seeds that no fit saw, on one or more miniatures.
 
-    python benchmarks/heldout_verdict.py MATRIX.json [MATRIX.json ...] --out benchmarks/results/NAME
+    python benchmarks/heldout_verdict.py --calibration CAL.json [...] --heldout MATRIX.json [...] \
+        --out benchmarks/results/NAME
 
-Each MATRIX.json is the report of one ``ftt-demo --matrix`` run (``OUT/matrix-*/report/*.json``,
-or a committed copy in benchmarks/results/). The curve and thresholds are those of
-mergekit_ftt/inspect/verdict_calibration.json, applied without refitting; seeds listed in
-that file's ``runs.seeds`` are refused for the preset they were fitted on, so every figure here
-is held out. Per seed: Spearman ρ between S and measured efficiency (sign flipped: higher is
-better), the curve's RMS error, and the pairs each level got.
+Each file is the report of one ``ftt-demo --matrix`` run (``OUT/matrix-PRESET/report/matrix.json``
+or a committed copy in benchmarks/results/). Held-out seeds are grouped by preset (miniature).
+For each group:
+
+* ``shipped``: the curve and thresholds of mergekit_ftt/inspect/verdict_calibration.json,
+  applied without refitting;
+* ``refit``: every compared statistic (``calibration.COMPARED``) fitted on the ``--calibration``
+  seeds' pairs only and scored on the held-out ones: the same fit carried to another seed of
+  the same miniature, or to another miniature.
+
+With held-out seeds of more than one preset, the group ``all`` pools them (seeds named
+"PRESET SEED").
+
+A held-out seed that the calibration seeds or the shipped file contain (same preset and seed)
+is refused (``calibration.check_heldout``). Per seed: Spearman ρ between the statistic and the
+measured efficiency (sign flipped: higher is better), the curve's RMS error, level agreement;
+with their mean, SD, min and max over the held-out seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics as stats
 from pathlib import Path
 
-from mergekit_ftt.demo.calibration import spearman
-from mergekit_ftt.inspect.verdict import calibration, predicted_efficiency, thresholds
+from mergekit_ftt.demo import calibration
 
 
-def seed_figures(seed: dict) -> dict:
-    curve = calibration()["curve"]
-    points = [
-        (pair["verdict"]["value"], pair["efficiency"])
-        for pair in seed["pairs"]
-        if pair["efficiency"] is not None and pair["verdict"]["value"] is not None
-    ]
-    values, measured = zip(*points, strict=True)
-    errors = [predicted_efficiency(v, **curve) - e for v, e in points]
-    limits = thresholds()
-    bands = {"likely": [], "partial": [], "unlikely": []}
-    for value, efficiency in points:
-        band = (
-            "likely"
-            if value <= limits["likely_below"]
-            else "partial"
-            if value < limits["unlikely_above"]
-            else "unlikely"
-        )
-        bands[band].append(efficiency)
-    return {
-        "seed": seed["seed"],
-        "pairs": len(points),
-        "spearman": -spearman(list(values), list(measured)),
-        "rms_error": math.sqrt(sum(e * e for e in errors) / len(errors)),
-        "bands": {
-            band: {"pairs": len(v), "median_efficiency": stats.median(v) if v else None}
-            for band, v in bands.items()
-        },
-    }
+def load(paths: list[Path]) -> list[tuple[str, dict]]:
+    """(preset, seed summary) of every seed in the given matrix reports."""
+    seeds = []
+    for path in paths:
+        matrix = json.loads(path.read_text(encoding="utf-8"))
+        seeds += [(matrix["preset"], seed) for seed in matrix["seeds"]]
+    return seeds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("matrices", nargs="+", type=Path)
+    parser.add_argument("--calibration", nargs="+", type=Path, required=True)
+    parser.add_argument("--heldout", nargs="+", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
-    shipped = calibration()
-    rows = []
-    for path in args.matrices:
-        matrix = json.loads(path.read_text(encoding="utf-8"))
-        for seed in matrix["seeds"]:
-            if matrix["preset"] == "full" and seed["seed"] in shipped["runs"]["seeds"]:
-                raise SystemExit(f"{path}: seed {seed['seed']} was used by the calibration")
-            rows.append({"matrix": str(path), "preset": matrix["preset"], **seed_figures(seed)})
-    rho = [r["spearman"] for r in rows]
-    rms = [r["rms_error"] for r in rows]
-    pooled = math.sqrt(
-        sum(r["rms_error"] ** 2 * r["pairs"] for r in rows) / sum(r["pairs"] for r in rows)
+    calibrating, heldout = load(args.calibration), load(args.heldout)
+    calibration.check_heldout(
+        [(preset, seed["seed"]) for preset, seed in calibrating],
+        [(preset, seed["seed"]) for preset, seed in heldout],
     )
-    summary = {
-        "calibration_version": shipped["version"],
-        "seeds": rows,
-        "spearman": {"mean": stats.mean(rho), "min": min(rho), "max": max(rho)},
-        "rms_error": {"per_seed_min": min(rms), "per_seed_max": max(rms), "pooled": pooled},
+    fit_seeds = [seed for _, seed in calibrating]
+    presets = sorted({preset for preset, _ in heldout})
+    fitted_on = ", ".join(f"{preset} seed {seed['seed']}" for preset, seed in calibrating)
+    groups = {
+        preset: calibration.heldout_report(
+            fit_seeds,
+            [seed for name, seed in heldout if name == preset],
+            fitted_on=fitted_on,
+        )
+        for preset in presets
     }
+    if len(presets) > 1:  # every held-out seed of every miniature, as one set
+        groups["all"] = calibration.heldout_report(
+            fit_seeds,
+            [{**seed, "seed": f"{preset} {seed['seed']}"} for preset, seed in heldout],
+            fitted_on=fitted_on,
+        )
+    summary = {
+        "calibration": [str(path) for path in args.calibration],
+        "calibration_seeds": [[preset, seed["seed"]] for preset, seed in calibrating],
+        "heldout": [str(path) for path in args.heldout],
+        "groups": groups,
+    }
+    lines = [f"Refits use {fitted_on}; nothing below was fitted on the seeds it scores.", ""]
+    for preset, report in groups.items():
+        title = "every held-out seed" if preset == "all" else f"{preset} preset"
+        lines += [f"## Held out: {title}", "", calibration.heldout_text(report), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    lines = [
-        f"Held-out check of verdict calibration v{shipped['version']} (no refitting).",
-        "",
-        "| matrix | seed | pairs | Spearman ρ | RMS error | likely / partial / unlikely (median eff.) |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        bands = " / ".join(
-            f"{b['pairs']} ({b['median_efficiency']:.2f})" if b["pairs"] else "0"
-            for b in r["bands"].values()
-        )
-        lines.append(
-            f"| {Path(r['matrix']).name} ({r['preset']}) | {r['seed']} | {r['pairs']} | "
-            f"{r['spearman']:.2f} | {r['rms_error']:.3f} | {bands} |"
-        )
-    lines += [
-        "",
-        f"Spearman ρ mean {summary['spearman']['mean']:.2f} ({min(rho):.2f}–{max(rho):.2f}); "
-        f"RMS error {min(rms):.3f}–{max(rms):.3f} per seed, {pooled:.3f} pooled.",
-    ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    args.out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -188,6 +188,15 @@ CASES: dict[str, Case] = {
     "demo: --matrix with --finetune-after": Case(
         "ftt-demo --matrix 1 --finetune-after --out demo", "--finetune-after"
     ),
+    "demo: a seed both calibration and held-out": Case(
+        "ftt-demo --calibration-seeds 0,1 --heldout-seeds 1,2 --out demo", "both calibration"
+    ),
+    "demo: held-out seed the shipped verdict was fitted on": Case(
+        "ftt-demo --heldout-seeds 2,3 --out demo", "not held out"
+    ),
+    "demo: the Llama miniature without --matrix": Case(
+        "ftt-demo --preset llama --out demo", "for the matrix"
+    ),
     "train: a config file that does not exist": Case("ftt-train --config nope.yaml", "nope.yaml"),
     "fetch-checkpoints: an unknown checkpoint": Case(
         "ftt-fetch-checkpoints M9 --dest ckpts", "unknown checkpoint"

@@ -16,6 +16,7 @@ import json
 import math
 import statistics as stats
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_ftt.inspect.verdict import (
@@ -24,6 +25,9 @@ from mergekit_ftt.inspect.verdict import (
     predicted_efficiency,
     statistics_key,
     thresholds,
+)
+from mergekit_ftt.inspect.verdict import (
+    calibration as shipped_calibration,
 )
 
 # A target whose own fine-tuning gains less than this (accuracy points) gives no
@@ -180,12 +184,14 @@ def across_seeds(seeds: Sequence[dict]) -> list[dict]:
     return table
 
 
-def _points(seeds: Sequence[dict]) -> list[tuple[float, float]]:
+def _points(seeds: Sequence[dict], statistic: str | None = None) -> list[tuple[float, float]]:
+    """(statistic, efficiency) of every pair with both; default: the verdict's statistic."""
+    name = statistic or f"model.{statistics_key()}"
     return [
-        (row["candidates"][f"model.{statistics_key()}"], row["efficiency"])
+        (row["candidates"][name], row["efficiency"])
         for seed in seeds
         for row in seed["pairs"]
-        if row["efficiency"] is not None and row["candidates"].get(f"model.{statistics_key()}")
+        if row["efficiency"] is not None and row["candidates"].get(name)
     ]
 
 
@@ -236,6 +242,294 @@ def calibrate(seeds: Sequence[dict]) -> dict:
         },
         "leave_one_seed_out": held_out,
     }
+
+
+# --- held out by construction -----------------------------------------------------------
+
+# Statistics compared on held-out seeds: the verdict's own and the distances that ranked as
+# well in-sample (docs/inspect.md), per module kind and normalised by ‖Δ‖ or by ‖M_s‖.
+COMPARED = (
+    "model.gap_to_delta",
+    "model.relative_gap",
+    "attention.gap_to_delta",
+    "mlp.gap_to_delta",
+    "norms.gap_to_delta",
+    "embeddings.gap_to_delta",
+    "layers.max_gap_to_delta",
+    "attention.relative_gap",
+    "mlp.relative_gap",
+)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` or ``"3-5"`` (or a mix, ``"0,3-5"``) as seed numbers, in the given order."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"seeds {text!r}: give numbers such as 0,1,2 or 3-5")
+        seeds += range(int(first), int(last or first) + 1)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {text!r}: a seed is listed twice")
+    return tuple(seeds)
+
+
+@dataclass(frozen=True)
+class SeedSplit:
+    """Seeds whose pairs fit the curve (``calibration``, may be empty: then only the shipped
+    calibration is scored) and seeds it is scored on (``heldout``); never the same seed."""
+
+    calibration: tuple[int, ...]
+    heldout: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.heldout:
+            raise ValueError("give at least one held-out seed")
+        shared = sorted(set(self.calibration) & set(self.heldout))
+        if shared:
+            raise ValueError(
+                f"seed(s) {', '.join(map(str, shared))} are both calibration and held-out "
+                "seeds: a held-out figure must come from seeds the fit never saw"
+            )
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return (*self.calibration, *self.heldout)
+
+    def to_dict(self) -> dict:
+        return {"calibration": list(self.calibration), "heldout": list(self.heldout)}
+
+    def parts(self, seeds: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+        """The calibration and held-out seeds' summaries among ``seeds``."""
+        by_number = {seed["seed"]: seed for seed in seeds}
+        missing = [number for number in self.seeds if number not in by_number]
+        if missing:
+            raise ValueError(f"no measurements for seed(s) {', '.join(map(str, missing))}")
+        return [by_number[n] for n in self.calibration], [by_number[n] for n in self.heldout]
+
+
+def shipped_seeds(preset: str) -> tuple[int, ...]:
+    """The seeds of ``preset`` that verdict_calibration.json was fitted on."""
+    runs = shipped_calibration()["runs"]
+    return tuple(runs["seeds"]) if preset == runs.get("preset", "full") else ()
+
+
+def measured_level(efficiency: float) -> str:
+    """The level a pair's measured efficiency falls in, with the verdict's cut-offs."""
+    return "likely" if efficiency >= LIKELY else "unlikely" if efficiency <= UNLIKELY else "partial"
+
+
+def score_seed(seed: dict, statistic: str, s50: float, k: float) -> dict:
+    """How the curve (s50, k) on ``statistic`` predicts one seed's measured efficiencies:
+    Spearman ρ (sign flipped: higher is better), RMS error, the pairs each level got with their
+    median efficiency, and the share of pairs whose level matches the measured one. A seed
+    with no pair whose efficiency could be measured (every FT(Mi) gained less than MIN_GAIN)
+    gets None for each figure."""
+    points = _points([seed], statistic)
+    limits = thresholds(s50, k)
+    bands: dict[str, list[float]] = {"likely": [], "partial": [], "unlikely": []}
+    agree = 0
+    for value, measured in points:
+        level = (
+            "likely"
+            if value <= limits["likely_below"]
+            else "partial"
+            if value < limits["unlikely_above"]
+            else "unlikely"
+        )
+        bands[level].append(measured)
+        agree += level == measured_level(measured)
+    errors = [predicted_efficiency(value, s50, k) - measured for value, measured in points]
+    rho = spearman([v for v, _ in points], [e for _, e in points])
+    verdicts = [row["verdict"] for row in seed["pairs"] if "verdict" in row]
+    return {
+        "seed": seed["seed"],
+        "pairs": len(points),
+        # pairs ftt-inspect itself called out of its calibrated range (scored here anyway)
+        "out_of_range": sum(not verdict.get("in_range", True) for verdict in verdicts),
+        "spearman": None if rho is None else -rho,
+        "rms_error": math.sqrt(stats.fmean(e * e for e in errors)) if points else None,
+        "level_agreement": agree / len(points) if points else None,
+        "bands": {
+            band: {"pairs": len(v), "median_efficiency": stats.median(v) if v else None}
+            for band, v in bands.items()
+        },
+    }
+
+
+def spread(rows: Sequence[dict]) -> dict:
+    """Mean, standard deviation, min and max over held-out seeds of ρ, RMS error and level
+    agreement; the RMS error also pooled over every pair."""
+
+    def describe(key: str) -> dict | None:
+        values = [row[key] for row in rows if row[key] is not None]
+        if not values:
+            return None
+        return {
+            "mean": stats.fmean(values),
+            "sd": stats.stdev(values) if len(values) > 1 else None,
+            "min": min(values),
+            "max": max(values),
+        }
+
+    measured = [row for row in rows if row["pairs"]]
+    pooled = sum(row["rms_error"] ** 2 * row["pairs"] for row in measured)
+    pairs = sum(row["pairs"] for row in measured)
+    return {
+        "seeds": len(rows),
+        "spearman": describe("spearman"),
+        "rms_error": None
+        if not pairs
+        else {**describe("rms_error"), "pooled": math.sqrt(pooled / pairs)},
+        "level_agreement": describe("level_agreement"),
+    }
+
+
+def heldout_report(
+    calibrating: Sequence[dict],
+    heldout: Sequence[dict],
+    compared: Sequence[str] = COMPARED,
+    fitted_on: str | None = None,
+) -> dict:
+    """Held-out figures. ``shipped``: verdict_calibration.json's curve, unrefitted, on every
+    held-out seed; ``refit``: per statistic in ``compared``, the curve fitted on the
+    ``calibrating`` seeds' pairs only (none: no refit) and scored on the held-out ones;
+    ``fitted_on`` names those seeds in the text (default "seeds 0, 1, 2"). Callers
+    make sure no held-out seed is a calibrating one or one the shipped file saw
+    (:class:`SeedSplit`, :func:`shipped_seeds`)."""
+    curve = shipped_calibration()["curve"]
+    shipped_rows = [
+        score_seed(seed, f"model.{statistics_key()}", curve["s50"], curve["k"]) for seed in heldout
+    ]
+    report = {
+        "calibration_seeds": [seed["seed"] for seed in calibrating],
+        "fitted_on": fitted_on or f"seeds {', '.join(str(seed['seed']) for seed in calibrating)}",
+        "heldout_seeds": [seed["seed"] for seed in heldout],
+        "shipped": {
+            "version": shipped_calibration()["version"],
+            "statistic": f"model.{statistics_key()}",
+            "curve": curve,
+            "per_seed": shipped_rows,
+            "spread": spread(shipped_rows),
+        },
+        "refit": [],
+    }
+    for statistic in compared:
+        points = _points(calibrating, statistic)
+        if not points:  # no calibrating seed, or none that has this statistic
+            continue
+        fit = fit_curve(points)
+        rows = [score_seed(seed, statistic, fit["s50"], fit["k"]) for seed in heldout]
+        report["refit"].append(
+            {"statistic": statistic, "fit": fit, "per_seed": rows, "spread": spread(rows)}
+        )
+    report["refit"].sort(
+        key=lambda entry: (_pooled(entry["spread"]) is None, _pooled(entry["spread"]) or 0)
+    )
+    return report
+
+
+def check_heldout(
+    calibrating: Sequence[tuple[str, int]], heldout: Sequence[tuple[str, int]]
+) -> None:
+    """Refuse a held-out (preset, seed) that the refit (``calibrating``) or the shipped
+    calibration (:func:`shipped_seeds`) was fitted on: a held-out figure never sees its fit."""
+    seen = set(calibrating) | {(p, n) for p, _ in heldout for n in shipped_seeds(p)}
+    used = sorted(set(heldout) & seen)
+    if used:
+        names = ", ".join(f"{preset} seed {seed}" for preset, seed in used)
+        raise ValueError(
+            f"{names}: used by the calibration (the refit's seeds or those of "
+            "verdict_calibration.json), so not held out; choose other held-out seeds"
+        )
+
+
+def matrix_heldout(seeds: Sequence[dict], split: SeedSplit, preset: str) -> dict:
+    """:func:`heldout_report` for one matrix run's ``split``."""
+    check_heldout([(preset, n) for n in split.calibration], [(preset, n) for n in split.heldout])
+    return heldout_report(*split.parts(seeds))
+
+
+def _pooled(spread_: dict) -> float | None:
+    """The pooled RMS error of a :func:`spread` (None when no pair was measured)."""
+    return None if spread_["rms_error"] is None else spread_["rms_error"]["pooled"]
+
+
+def _spread_cell(entry: dict | None, digits: int) -> str:
+    if entry is None:
+        return "–"
+    sd = "" if entry["sd"] is None else f" ± {entry['sd']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f}{sd} ({entry['min']:.{digits}f}–{entry['max']:.{digits}f})"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table: the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _bands_cell(bands: dict) -> str:
+    return " / ".join(
+        f"{b['pairs']} ({b['median_efficiency']:.2f})" if b["pairs"] else "0"
+        for b in bands.values()
+    )
+
+
+def heldout_text(report: dict) -> str:
+    """The held-out figures as Markdown: the shipped curve per seed, then every refitted
+    statistic's spread (mean ± SD (min–max) over the held-out seeds)."""
+    shipped, total = report["shipped"], report["shipped"]["spread"]
+    header = ["seed", "pairs (out of range)", "Spearman ρ", "RMS error", "level agreement"]
+    lines = [
+        f"Held-out seeds {', '.join(map(str, report['heldout_seeds']))}: the shipped "
+        f"calibration (v{shipped['version']}, {shipped['statistic']}, s50 "
+        f"{shipped['curve']['s50']}, k {shipped['curve']['k']}), not refitted. Levels from its "
+        "thresholds for every pair, also those ftt-inspect called out of its calibrated range "
+        "(counted in brackets); level agreement: the share of pairs whose measured efficiency "
+        f"falls in the predicted level's band (likely ≥ {LIKELY}, unlikely ≤ {UNLIKELY}).",
+        "",
+        *_table(
+            [*header, "likely / partial / unlikely (median eff.)"],
+            [
+                [
+                    str(row["seed"]),
+                    f"{row['pairs']} ({row['out_of_range']})",
+                    _cell(row["spearman"], 2),
+                    _cell(row["rms_error"], 3),
+                    _cell(row["level_agreement"], 2),
+                    _bands_cell(row["bands"]),
+                ]
+                for row in shipped["per_seed"]
+            ],
+        ),
+        "",
+        f"Mean ± SD (min–max) over {total['seeds']} held-out seed(s): Spearman ρ "
+        f"{_spread_cell(total['spearman'], 2)}; RMS error {_spread_cell(total['rms_error'], 3)}, "
+        f"pooled {_cell(_pooled(total), 3)}; level agreement "
+        f"{_spread_cell(total['level_agreement'], 2)}.",
+    ]
+    if report["refit"]:
+        lines += [
+            "",
+            f"Each statistic's curve fitted on {report['fitted_on']} only and scored on the held-out "
+            "seeds (mean ± SD (min–max); best pooled RMS first):",
+            "",
+            *_table(
+                ["statistic", "s50, k", *header[2:4], "pooled RMS", header[4]],
+                [
+                    [
+                        entry["statistic"],
+                        f"{entry['fit']['s50']:.3g}, {entry['fit']['k']:.2f}",
+                        _spread_cell(entry["spread"]["spearman"], 2),
+                        _spread_cell(entry["spread"]["rms_error"], 3),
+                        _cell(_pooled(entry["spread"]), 3),
+                        _spread_cell(entry["spread"]["level_agreement"], 2),
+                    ]
+                    for entry in report["refit"]
+                ],
+            ),
+        ]
+    return "\n".join(lines)
 
 
 def calibration_text(calibration: dict) -> str:
@@ -327,10 +621,47 @@ def correlation_table(table: Sequence[dict], seeds: Sequence[int], top: int | No
     return "\n".join(lines)
 
 
+def _split_of(summary: dict) -> SeedSplit | None:
+    split = summary.get("split")
+    return (
+        None if split is None else SeedSplit(tuple(split["calibration"]), tuple(split["heldout"]))
+    )
+
+
+def calibration_sections(summary: dict) -> dict:
+    """The JSON report's ``calibration`` (the curve fitted on every seed, or with a split on
+    its calibration seeds only; None when it has none) and, with a split, ``heldout``."""
+    split = _split_of(summary)
+    if split is None:
+        return {"calibration": calibrate(summary["seeds"])}
+    calibrating, _ = split.parts(summary["seeds"])
+    return {
+        "calibration": calibrate(calibrating) if calibrating else None,
+        "heldout": matrix_heldout(summary["seeds"], split, summary["preset"]),
+    }
+
+
 def markdown(summary: dict) -> str:
     seeds = summary["seeds"]
     table = across_seeds(seeds)
     load = summary["load_average"]
+    sections = calibration_sections(summary)
+    fitted = sections["calibration"]
+    split = _split_of(summary)
+    title = (
+        "### Calibration of the verdict"
+        if split is None
+        else f"### Calibration of the verdict on seeds {', '.join(map(str, split.calibration))} "
+        "only (in-sample)"
+    )
+    calibration_lines = [title, "", calibration_text(fitted), ""] if fitted else []
+    if split is not None:
+        calibration_lines += [
+            "### Held out: seeds the fit never saw",
+            "",
+            heldout_text(sections["heldout"]),
+            "",
+        ]
     lines = [
         f"## Miniature Table 3 ({summary['preset']}, {len(seeds)} seed(s))",
         "",
@@ -344,10 +675,7 @@ def markdown(summary: dict) -> str:
         "",
         correlation_table(table, [seed["seed"] for seed in seeds]),
         "",
-        "### Calibration of the verdict",
-        "",
-        calibration_text(calibrate(seeds)),
-        "",
+        *calibration_lines,
         f"Verdict statistic: {statistics_key()}. This invocation (stages finished before are skipped): "
         f"wall time {summary['wall_seconds']:.0f} s, CPU time {summary['cpu_seconds']:.0f} s; "
         f"load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end.",
@@ -367,8 +695,16 @@ def plot(summary: dict, path: Path) -> Path:
         points = _points([seed])
         ax.scatter([x for x, _ in points], [y for _, y in points], label=f"seed {seed['seed']}")
     points = _points(summary["seeds"])
+    split = _split_of(summary)
+    fitted_on = summary["seeds"] if split is None else split.parts(summary["seeds"])[0]
     if points:
-        fit = fit_curve(points)
+        if fitted_on:
+            fit, name = fit_curve(_points(fitted_on)), "fit"
+            if split is not None:
+                name = f"fit on seeds {', '.join(map(str, split.calibration))}"
+        else:
+            fit = shipped_calibration()["curve"]
+            name = f"shipped v{shipped_calibration()['version']}"
         low, high = min(x for x, _ in points) * 0.8, max(x for x, _ in points) * 1.2
         xs = [low * (high / low) ** (i / 100) for i in range(101)]
         ax.plot(
@@ -376,7 +712,7 @@ def plot(summary: dict, path: Path) -> Path:
             [predicted_efficiency(x, fit["s50"], fit["k"]) for x in xs],
             color="black",
             lw=1,
-            label=f"fit: 1 / (1 + (S / {fit['s50']:.2f})^{fit['k']:.2f})",
+            label=f"{name}: 1 / (1 + (S / {fit['s50']:.2f})^{fit['k']:.2f})",
         )
         for value in thresholds(fit["s50"], fit["k"]).values():
             ax.axvline(value, color="grey", lw=0.8, ls="--")
@@ -402,7 +738,7 @@ def write(summary: dict, folder: Path) -> dict[str, Path]:
     document = {
         **summary,
         "correlations": across_seeds(summary["seeds"]),
-        "calibration": calibrate(summary["seeds"]),
+        **calibration_sections(summary),
     }
     paths["json"].write_text(json.dumps(document, indent=1, ensure_ascii=False), encoding="utf-8")
     paths["png"] = plot(summary, folder / "matrix.png")

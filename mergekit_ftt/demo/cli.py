@@ -21,6 +21,8 @@ from pathlib import Path
 
 from mergekit_ftt.cli import Stages, entry_point, library_logs
 from mergekit_ftt.demo import pipeline
+from mergekit_ftt.demo.calibration import SeedSplit
+from mergekit_ftt.demo.calibration import parse_seeds as calibration_seeds
 from mergekit_ftt.demo.config import DemoConfig, load_config
 from mergekit_ftt.demo.pipeline import FT_A, FT_B, M_A, M_B, TRANSFER, Layout
 from mergekit_ftt.errors import FttError
@@ -30,6 +32,7 @@ LOG_FILE = "ftt-demo.log"
 DEMO_MODULES = ("trl", "datasets", "lm_eval", "matplotlib")  # the [demo] extra
 LABELS = (M_A, M_B, FT_A, FT_B, TRANSFER)
 TITLE = "ftt-demo: tiny OLMo 2, held-out chat sums"
+PRESETS = ("full", "quick", "llama", "llama-quick")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("ftt-demo-out"), help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, models and training")
     parser.add_argument("--quick", action="store_true", help="smaller run, for tests")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="settings from mergekit_ftt/demo/configs/PRESET.yaml (default full; --quick is "
+        "quick); llama: the second miniature, a tiny Llama with grouped-query attention and tied "
+        "embeddings, product facts and a stronger fine-tuning",
+    )
     parser.add_argument(
         "--finetune-after",
         action="store_true",
@@ -57,7 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEEDS",
         help="the paper's Table 3 in miniature: 5 checkpoints, every ordered transfer, "
         "ftt-inspect's prediction against the measured efficiency, over SEEDS seeds from "
-        "--seed on (default 3); written to --out/matrix-full (--quick: matrix-quick)",
+        "--seed on (default 3); written to --out/matrix-PRESET",
+    )
+    parser.add_argument(
+        "--calibration-seeds",
+        type=_seeds,
+        default=None,
+        metavar="0,1,2",
+        help="with --heldout-seeds: the matrix seeds the verdict's curve is fitted on; the "
+        "report scores it on the held-out seeds only (implies --matrix)",
+    )
+    parser.add_argument(
+        "--heldout-seeds",
+        type=_seeds,
+        default=None,
+        metavar="3,4,5",
+        help="matrix seeds no fit sees: the report gives the shipped calibration's and the "
+        "refitted curve's Spearman ρ, RMS error and level agreement on them, with their spread "
+        "(implies --matrix)",
     )
     parser.add_argument(
         "--threads",
@@ -151,8 +179,49 @@ def caption(config: DemoConfig) -> str:
     )
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return calibration_seeds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def preset_of(args: argparse.Namespace) -> str:
+    """The preset asked for; the Llama ones belong to the matrix (the plain demo's table and
+    captions describe the OLMo 2 sums)."""
+    if args.quick and args.preset not in (None, "quick"):
+        raise FttError(f"--quick is --preset quick: give one of --quick and --preset {args.preset}")
+    preset = "quick" if args.quick else args.preset or "full"
+    if args.matrix is None and preset not in ("full", "quick"):
+        raise FttError(
+            f"--preset {preset} is a miniature for the matrix: add --matrix or --heldout-seeds"
+        )
+    return preset
+
+
+def matrix_seeds(args: argparse.Namespace) -> tuple[list[int], SeedSplit | None]:
+    """The seeds --matrix runs, and the calibration / held-out split when one was given."""
+    if args.heldout_seeds is None:
+        if args.calibration_seeds is not None:
+            raise FttError("--calibration-seeds needs --heldout-seeds, the seeds to score it on")
+        return list(range(args.seed, args.seed + args.matrix)), None
+    try:
+        split = SeedSplit(args.calibration_seeds or (), args.heldout_seeds)
+    except ValueError as error:
+        raise FttError(str(error)) from None
+    if getattr(args, "matrix_given", False) and args.matrix != len(split.seeds):
+        raise FttError(
+            f"--matrix {args.matrix} and the {len(split.seeds)} calibration and held-out seeds "
+            "disagree: drop --matrix, the seed lists say which seeds run"
+        )
+    return list(split.seeds), split
+
+
 def _refuse_unused_with_matrix(args: argparse.Namespace) -> None:
     """--matrix runs its own stages: what it cannot honour is refused, never ignored."""
+    args.matrix_given = args.matrix is not None
+    if args.heldout_seeds is not None or args.calibration_seeds is not None:
+        args.matrix = 3 if args.matrix is None else args.matrix  # the seed lists imply --matrix
     if args.matrix is None:
         return
     if args.matrix < 1:
@@ -178,14 +247,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     say = Stages("ftt-demo")
-    preset = "quick" if args.quick else "full"
+    preset = preset_of(args)
     config = load_config(preset)
     threads = args.threads or config.torch_threads
     torch.set_num_threads(threads)
     if args.matrix is not None:
         from mergekit_ftt.demo import matrix
 
-        matrix.run(args.out, args.quick, args.seed, args.matrix, threads, args.overwrite)
+        seeds, split = matrix_seeds(args)
+        matrix.run(args.out, preset, seeds, threads, args.overwrite, split)
         return
     settings = {"preset": preset, "seed": args.seed, "config": config.to_dict()}
     parts = ["main", *(["finetune_after"] if args.finetune_after else [])]

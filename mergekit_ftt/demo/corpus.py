@@ -32,6 +32,32 @@ QUESTION_TEMPLATES = (
     "What is {a} plus {b}?",
     "What is the sum of {a} and {b}?",
 )
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What a fact states: ``c`` from ``a`` and ``b``, in prose and as chat questions."""
+
+    prose: tuple[str, ...]
+    questions: tuple[str, ...]
+    multiply: bool
+
+
+# The demo and the OLMo 2 matrix state sums; the Llama matrix (configs/llama.yaml) products,
+# which a tiny model must memorise fact by fact rather than partly compute.
+OPERATIONS = {
+    "sum": Operation(PROSE_TEMPLATES, QUESTION_TEMPLATES, multiply=False),
+    "product": Operation(
+        (
+            "{a} times {b} equals {c}.",
+            "the product of {a} and {b} is {c}.",
+            "{a} multiplied by {b} makes {c}.",
+            "multiplying {a} by {b} gives {c}.",
+        ),
+        ("What is {a} times {b}?", "What is the product of {a} and {b}?"),
+        multiply=True,
+    ),
+}
 FILLER_SUBJECTS = ("the cat", "a farmer", "my sister", "the old man", "a bird", "the teacher")
 FILLER_VERBS = ("sees", "likes", "paints", "finds", "carries", "follows")
 FILLER_OBJECTS = ("the river", "a red box", "the garden", "some bread", "a small boat", "the moon")
@@ -40,14 +66,22 @@ FILLER_ENDINGS = ("", " every day", " at night", " in the rain", " with care")
 
 @dataclass(frozen=True)
 class Fact:
-    """One addition fact ``a + b = c``."""
+    """One fact ``a + b = c`` (``operation`` "sum") or ``a × b = c`` ("product")."""
 
     a: int
     b: int
+    operation: str = "sum"
 
     @property
     def c(self) -> int:
-        return self.a + self.b
+        return self.a * self.b if OPERATIONS[self.operation].multiply else self.a + self.b
+
+    @property
+    def questions(self) -> tuple[str, ...]:
+        """Every chat question about this fact, one per question template."""
+        return tuple(
+            template.format(a=self.a, b=self.b) for template in OPERATIONS[self.operation].questions
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +92,7 @@ class TaskConfig:
     late_fraction: float  # share of facts told only from stage 2 on
     sft_examples: int
     test_examples: int
+    operation: str = "sum"  # a key of OPERATIONS
 
 
 @dataclass(frozen=True)
@@ -69,9 +104,12 @@ class World:
 
     @classmethod
     def build(cls, config: TaskConfig, seed: int) -> World:
-        facts = [
-            Fact(a, b) for a in range(config.max_operand + 1) for b in range(config.max_operand + 1)
-        ]
+        if config.operation not in OPERATIONS:
+            raise ValueError(
+                f"task operation {config.operation!r}: choose one of {', '.join(OPERATIONS)}"
+            )
+        operands = range(config.max_operand + 1)
+        facts = [Fact(a, b, config.operation) for a in operands for b in operands]
         random.Random(seed).shuffle(facts)
         n_late = round(len(facts) * config.late_fraction)
         if n_late < config.test_examples:
@@ -83,7 +121,7 @@ class World:
 
 
 def prose_sentence(fact: Fact, rng: random.Random) -> str:
-    return rng.choice(PROSE_TEMPLATES).format(a=fact.a, b=fact.b, c=fact.c)
+    return rng.choice(OPERATIONS[fact.operation].prose).format(a=fact.a, b=fact.b, c=fact.c)
 
 
 def filler_sentence(rng: random.Random) -> str:
@@ -111,7 +149,7 @@ def documents(
 
 def chat_example(fact: Fact, rng: random.Random) -> dict:
     """One Tülu-format conversation: a question and the bare number as the answer."""
-    question = rng.choice(QUESTION_TEMPLATES).format(a=fact.a, b=fact.b)
+    question = rng.choice(fact.questions)
     return {
         "messages": [
             {"role": "user", "content": question},

@@ -45,7 +45,8 @@ from mergekit_ftt.sources import is_finished_model
 
 # (stage, share of the stage) of each checkpoint: M1–M3 over the second half of stage 1
 # (earlier, the tiny model recalls too few facts for fine-tuning to show), M4 the middle and
-# M5 the end of stage 2 (OLMo 2: M4 = stage-2 step 6000 of 11931, M5 = the end).
+# M5 the end of stage 2 (OLMo 2: M4 = stage-2 step 6000 of 11931, M5 = the end). Presets
+# whose name ends in "quick" take the three-checkpoint layout, the others the five.
 CHECKPOINTS = {
     "full": ((1, 0.5), (1, 0.75), (1, 1.0), (2, 0.5), (2, 1.0)),
     "quick": ((1, 1.0), (2, 0.5), (2, 1.0)),
@@ -79,11 +80,15 @@ def finetuned(name: str) -> str:
     return f"FT({name})"
 
 
+def checkpoint_shares(preset: str) -> tuple[tuple[int, float], ...]:
+    return CHECKPOINTS["quick" if preset.endswith("quick") else "full"]
+
+
 def checkpoints_of(config: DemoConfig, preset: str) -> list[Checkpoint]:
     stages = {1: config.pretrain.stage1.steps, 2: config.pretrain.stage2.steps}
     return [
         Checkpoint(f"M{index}", stage, round(stages[stage] * share))
-        for index, (stage, share) in enumerate(CHECKPOINTS[preset], start=1)
+        for index, (stage, share) in enumerate(checkpoint_shares(preset), start=1)
     ]
 
 
@@ -128,12 +133,12 @@ def write_data(layout: SeedLayout, config: DemoConfig, seed: int) -> corpus.Worl
     questions = [
         {
             "messages": [
-                {"role": "user", "content": template.format(a=fact.a, b=fact.b)},
+                {"role": "user", "content": question},
                 {"role": "assistant", "content": str(fact.c)},
             ]
         }
         for fact in test_facts
-        for template in corpus.QUESTION_TEMPLATES
+        for question in fact.questions
     ]
     corpus.write_jsonl(questions, layout.data / "test.jsonl")
     return world
@@ -327,21 +332,39 @@ def prepare(root: Path, settings: dict, overwrite: bool) -> None:
     record.write_text(json.dumps(settings, indent=2))
 
 
-def run(out: Path, quick: bool, seed: int, seeds: int, threads: int, overwrite: bool) -> dict:
-    """The whole matrix for ``seeds`` seeds from ``seed`` on; writes and prints the report."""
-    preset = "quick" if quick else "full"
+def run(
+    out: Path,
+    preset: str,
+    seeds: Sequence[int],
+    threads: int,
+    overwrite: bool,
+    split: calibration.SeedSplit | None = None,
+) -> dict:
+    """The whole matrix for ``seeds``; writes and prints the report. With ``split``, the
+    report fits the verdict's curve on its calibration seeds only and scores it, and the
+    shipped calibration, on its held-out seeds (:func:`calibration.heldout_report`); a held-out
+    seed that a fit used is refused before anything runs."""
+    if split is not None:
+        try:
+            calibration.check_heldout(
+                [(preset, n) for n in split.calibration], [(preset, n) for n in split.heldout]
+            )
+        except ValueError as error:
+            raise FttError(str(error)) from None
     config = load_config(preset)
     root = out / f"matrix-{preset}"
-    settings = {"preset": preset, "config": config.to_dict(), "checkpoints": CHECKPOINTS[preset]}
+    settings = {
+        "preset": preset,
+        "config": config.to_dict(),
+        "checkpoints": checkpoint_shares(preset),
+    }
     prepare(root, json.loads(json.dumps(settings)), overwrite)
     started, load_before = time.monotonic(), os.getloadavg()
     cpu_before = _cpu_seconds()
-    results = [
-        run_seed(root, config, preset, s, threads, root / "matrix.log")
-        for s in range(seed, seed + seeds)
-    ]
+    results = [run_seed(root, config, preset, s, threads, root / "matrix.log") for s in seeds]
     summary = {
         "preset": preset,
+        **({"split": split.to_dict()} if split else {}),
         "seeds": results,
         "wall_seconds": round(time.monotonic() - started, 1),
         "cpu_seconds": round(_cpu_seconds() - cpu_before, 1),

@@ -22,6 +22,7 @@ from mergekit_ftt.cli import Stages
 from mergekit_ftt.demo import corpus
 from mergekit_ftt.demo.config import CONFIGS_DIR, DemoConfig
 from mergekit_ftt.demo.pretrain import pretrain
+from mergekit_ftt.package_data import with_includes
 from mergekit_ftt.sources import is_finished_model
 
 M_A, M_B, FT_A, FT_B, TRANSFER = "M_a", "M_b", "FT(M_a)", "FT(M_b)", "M_b + Δ_a"
@@ -140,7 +141,8 @@ def write_trl_config(
     **overrides,
 ) -> Path:
     """An ``ftt-train`` YAML for one run: the demo's template with this run's paths."""
-    settings = yaml.safe_load((CONFIGS_DIR / config.finetune.trl_config).read_text())
+    template = yaml.safe_load((CONFIGS_DIR / config.finetune.trl_config).read_text())
+    settings = with_includes(template, CONFIGS_DIR)  # sft_strong.yaml includes sft.yaml
     settings.update(
         {
             "model_name_or_path": str(model.resolve()),

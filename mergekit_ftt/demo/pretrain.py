@@ -21,12 +21,16 @@ from mergekit_ftt.demo.corpus import World, documents
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A tiny OLMo 2."""
+    """A tiny OLMo 2 (the demo), or a tiny Llama with grouped-query attention
+    (``num_kv_heads`` < ``num_heads``) and tied embeddings (configs/llama.yaml)."""
 
     hidden_size: int
     num_layers: int
     num_heads: int
     intermediate_size: int
+    architecture: str = "olmo2"  # a mergekit_ftt.tiny.Architecture
+    num_kv_heads: int | None = None  # None: as many as num_heads
+    tie_word_embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,14 @@ def build_model(model_config: ModelConfig, tokenizer, seed: int):
     from mergekit_ftt.tiny import tiny_config
 
     config = tiny_config(
-        "olmo2",
+        model_config.architecture,
         vocab_size=len(tokenizer),
         hidden_size=model_config.hidden_size,
         num_layers=model_config.num_layers,
         num_heads=model_config.num_heads,
+        num_kv_heads=model_config.num_kv_heads,
         intermediate_size=model_config.intermediate_size,
+        tie_word_embeddings=model_config.tie_word_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
