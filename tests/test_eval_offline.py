@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from helpers import error_line
+from helpers import error_line, write_tiny_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,18 +33,44 @@ def ftt_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_hub_model_out_of_reach(tmp_path):
     model = "b=meta-llama/Meta-Llama-3-8B"
-    line = error_line(
-        ftt_eval("--suite", "llama3-instruct", "--model", model, cwd=tmp_path), "ftt-eval"
+    flags = ["--tasks", "tiny_sum", "--include-path", str(write_task(tmp_path))]
+    line = error_line(ftt_eval(*flags, "--model", model, cwd=tmp_path), "ftt-eval")
+    assert line.startswith(
+        "ftt-eval: error: cannot load meta-llama/Meta-Llama-3-8B: huggingface.co cannot be"
     )
-    assert "cannot load model 'meta-llama/Meta-Llama-3-8B': the Hub is unreachable" in line
-    assert (
-        "`hf download meta-llama/Meta-Llama-3-8B --local-dir" in line and "HF_HUB_OFFLINE=1" in line
-    )
+    assert "not a local folder nor in the Hugging Face cache" in line
+    assert "(`hf download meta-llama/Meta-Llama-3-8B`) then it loads from the Hugging" in line
     assert not (tmp_path / "out").exists()
 
 
+def test_every_model_and_dataset_out_of_reach_at_once(tmp_path):
+    """Two Hub models and the suite's six Hub datasets: one line names all eight, each with
+    the command that fetches it."""
+    models = ["--model", "a=meta-llama/Meta-Llama-3-8B", "--model", "b=meta-llama/Llama-3.1-8B"]
+    line = error_line(ftt_eval("--suite", "llama3-instruct", *models, cwd=tmp_path), "ftt-eval")
+    assert line.startswith(
+        "ftt-eval: error: cannot load 2 models and 6 datasets (huggingface.co cannot be "
+    )
+    for model in ("meta-llama/Meta-Llama-3-8B", "meta-llama/Llama-3.1-8B"):
+        assert (
+            f"{model}: not a local folder nor in the Hugging Face cache; fetch it with "
+            f"`hf download {model}` where the Hub is reachable"
+        ) in line
+    assert (
+        "openai/gsm8k (the dataset of task 'gsm8k_llama'): not in the datasets cache; fetch "
+        "it with `lm-eval run --model dummy --tasks gsm8k_llama --limit 1` where" in line
+    )
+    assert "google/IFEval (the dataset of task 'ifeval')" in line
+    assert not (tmp_path / "out").exists()
+
+
+def write_task(folder: Path) -> Path:
+    return write_tiny_task(folder / "tasks")
+
+
 def test_misspelled_local_model_folder(tmp_path):
-    line = error_line(ftt_eval("--tasks", "x", "--model", "m=./modle/", cwd=tmp_path), "ftt-eval")
+    flags = ["--tasks", "tiny_sum", "--include-path", str(write_task(tmp_path))]
+    line = error_line(ftt_eval(*flags, "--model", "m=./modle/", cwd=tmp_path), "ftt-eval")
     assert "model './modle/': no such local folder" in line
     assert not (tmp_path / "out").exists()
 
@@ -59,5 +85,6 @@ def test_task_dataset_out_of_reach(tmp_path, olmo2):
         "cannot load the dataset of task 'hub_task': Couldn't reach "
         "'allenai/no-such-cached-dataset' on the Hub" in line
     )
-    assert "datasets.load_dataset('allenai/no-such-cached-dataset')" in line
+    fetch = "lm-eval run --model dummy --tasks hub_task --limit 1 --include_path"
+    assert f"To use it offline, fetch it with `{fetch} {tmp_path / 'tasks'}` where" in line
     assert not (tmp_path / "out").exists()

@@ -395,12 +395,16 @@ def test_unreachable_hub_model_is_one_line_naming_it_and_the_offline_recipe(tmp_
         "--config", "olmo2_m4_math", "--use_cpu", "true", "--output_dir", str(tmp_path / "o"),
         home=tmp_path / "hf",
     )  # fmt: skip
-    assert (
-        "cannot load model 'allenai/OLMo-2-1124-7B' (revision "
-        "stage2-ingredient1-step6000-tokens26B): the Hub is unreachable" in error
+    # the model and the training data, both out of reach, named at once
+    assert error.startswith(
+        "ftt-train: error: cannot load 1 model and 1 dataset (huggingface.co cannot be reached"
     )
-    assert "hf download allenai/OLMo-2-1124-7B --revision stage2-ingredient1-step6000" in error
-    assert "HF_HUB_OFFLINE=1" in error
+    assert (
+        "allenai/OLMo-2-1124-7B@stage2-ingredient1-step6000-tokens26B: not a local folder nor "
+        "in the Hugging Face cache; fetch it with `hf download allenai/OLMo-2-1124-7B "
+        "--revision stage2-ingredient1-step6000-tokens26B` where the Hub is reachable" in error
+    )
+    assert "allenai/tulu-3-sft-personas-math (the training data" in error
     assert not (tmp_path / "o").exists()
 
 

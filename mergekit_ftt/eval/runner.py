@@ -30,7 +30,14 @@ from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval import backends
 from mergekit_ftt.eval.options import BackendOptions
 from mergekit_ftt.eval.suites import SUITES_DIR, Column, Suite, adhoc_suite, load_suite
-from mergekit_ftt.sources import dataset_error, require_model, work_offline_if_hub_unreachable
+from mergekit_ftt.sources import (
+    Missing,
+    Wanted,
+    find_model,
+    missing_dataset,
+    raise_unavailable,
+    work_offline_if_hub_unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +70,14 @@ class ModelSpec:
             )
 
 
-def require_evaluable(name_or_path: str) -> None:
-    """Fail with one line unless ``name_or_path`` is a model lm-eval can load: a local folder
-    with a config and readable weights (not a delta folder), or a Hub model in reach."""
+def missing_evaluable(name_or_path: str) -> Missing | None:
+    """None if ``name_or_path`` is a model lm-eval can load: a local folder with a config and
+    readable weights, or a Hub model in reach (or, offline, in the cache); else what is
+    missing (:mod:`mergekit_ftt.sources`). A delta folder or damaged weights are refused
+    with an :class:`FttError` at once."""
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
-        require_model(name_or_path)
-        return
+        return find_model(Wanted(name_or_path))
     from mergekit.common import ModelReference
     from mergekit.options import MergeOptions
 
@@ -81,8 +89,10 @@ def require_evaluable(name_or_path: str) -> None:
             f"{name_or_path} is a delta folder (ftt-delta extract), not a model: add it to a "
             "base model with mergekit-yaml (`role: delta`) and evaluate the merged folder."
         )
-    require_model(name_or_path)  # its config.json
-    read_checkpoint(ModelReference.parse(str(folder)), MergeOptions(quiet=True))  # its weights
+    missing = find_model(Wanted(name_or_path))  # its config.json
+    if missing is None:
+        read_checkpoint(ModelReference.parse(str(folder)), MergeOptions(quiet=True))  # weights
+    return missing
 
 
 def resolve_suite(
@@ -164,16 +174,36 @@ def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
     return manager
 
 
-def require_datasets(suite: Suite, manager) -> None:
+def missing_datasets(suite: Suite, manager, include_paths: Sequence[Path] = ()) -> list[Missing]:
     """Build each column's tasks once, as lm-eval will (loading their datasets into the
-    datasets cache), so that a dataset out of reach stops the run before any model loads."""
+    datasets cache), so that a dataset out of reach stops the run before any model loads;
+    return every one that cannot be loaded, each with the lm-eval command that fetches it."""
     from lm_eval.tasks import get_task_dict
 
+    missing = []
     for column in suite.columns:
         try:
             get_task_dict([column.task], task_manager=manager)
         except (OSError, ValueError) as error:  # datasets' "cannot load this": many types
-            raise dataset_error(error, f"the dataset of task {column.task!r}") from None
+            what = f"the dataset of task {column.task!r}"
+            fetch = fetch_task_command(column.task, include_paths)
+            missing.append(missing_dataset(error, what, fetch))
+    return missing
+
+
+def fetch_task_command(task: str, include_paths: Sequence[Path] = ()) -> str:
+    """The lm-eval command that loads ``task``'s datasets into the datasets cache (one
+    example with lm-eval's dummy model), with the folder that defines it if it is ours."""
+    folder = next(
+        (
+            path
+            for path in (SUITES_DIR, *include_paths)
+            if task in _manager((str(path),), builtin=False).task_index
+        ),
+        None,
+    )
+    where = f" --include_path {folder}" if folder is not None else ""
+    return f"`lm-eval run --model dummy --tasks {task} --limit 1{where}`"
 
 
 def _settings(limit: float | None, chat: bool, multiturn: bool) -> tuple:
@@ -314,11 +344,10 @@ def evaluate_models(
         raise FttError(f"model labels must be unique, got {labels}")
     # Everything a run needs is checked before the first result is written.
     work_offline_if_hub_unreachable()
-    for spec in models:
-        if spec.load is None:  # a model built in this process needs no download
-            require_evaluable(spec.pretrained)
+    # a model built in this process (``load``) needs no download
+    missing = [missing_evaluable(spec.pretrained) for spec in models if spec.load is None]
     manager = task_manager(include_paths, [c.task for c in suite.columns])
-    require_datasets(suite, manager)
+    raise_unavailable([*filter(None, missing), *missing_datasets(suite, manager, include_paths)])
 
     output_dir = Path(output_dir)
     written: dict[str, dict[str, Path]] = {}

@@ -21,7 +21,14 @@ from trl import ModelConfig, SFTConfig
 
 from mergekit_ftt.cli import entry_point
 from mergekit_ftt.errors import FttError
-from mergekit_ftt.sources import dataset_error, require_model, work_offline_if_hub_unreachable
+from mergekit_ftt.sources import (
+    DatasetUnavailable,
+    Wanted,
+    dataset_error,
+    missing_models,
+    raise_unavailable,
+    work_offline_if_hub_unreachable,
+)
 from mergekit_ftt.training.checks import prepare_output_dir, resolve_attn_implementation, validate
 from mergekit_ftt.training.config import DatasetMixture, FttParser, FttScriptArguments
 
@@ -60,8 +67,13 @@ def train(
     """
     validate(script_args, training_args, model_args)
     work_offline_if_hub_unreachable()
-    require_model(model_args.model_name_or_path, model_args.model_revision)
-    train_dataset = load_train_dataset(script_args, dataset_args)
+    # every model and dataset out of reach is named at once
+    missing = missing_models([Wanted(model_args.model_name_or_path, model_args.model_revision)])
+    try:
+        train_dataset = load_train_dataset(script_args, dataset_args)
+    except DatasetUnavailable as error:
+        missing.append(error.missing)
+    raise_unavailable(missing)
     with training_args.main_process_first(desc="checking output_dir"):
         resume_from = training_args.resume_from_checkpoint or prepare_output_dir(
             script_args, training_args.output_dir
