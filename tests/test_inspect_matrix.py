@@ -118,3 +118,34 @@ def test_quick_matrix_runs_every_transfer_and_reports_correlations(tmp_path):
     assert pairs["M3 + Δ2"]["score"] > pairs["M3 + Δ1"]["score"]
     assert pairs["M3 + Δ2"]["verdict"]["score"] > pairs["M3 + Δ1"]["verdict"]["score"]
     assert "model.gap_to_delta" in {entry["statistic"] for entry in summary["correlations"]}
+
+
+def test_verbose_keeps_the_libraries_output_on_the_terminal(tmp_path, capsys):
+    """``ftt-demo --matrix --verbose``: what the libraries print is not sent to matrix.log."""
+    log = tmp_path / matrix.LOG_FILE
+    with matrix.quiet(log):
+        print("loss 1.0 (into the log)")
+    with matrix.quiet(None):  # --verbose
+        print("loss 0.5 (on the terminal)")
+    assert capsys.readouterr().out == "loss 0.5 (on the terminal)\n"
+    assert "loss 1.0 (into the log)" in log.read_text()
+
+
+def test_matrix_takes_verbose(tmp_path):
+    """--verbose is passed on, not refused: the run gets as far as its output check."""
+    (tmp_path / "matrix-quick").mkdir()
+    (tmp_path / "matrix-quick" / "notes.txt").write_text("mine")
+    flags = ["--matrix", "1", "--quick", "--verbose", "--out", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, "-m", "mergekit_ftt.demo", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"ftt-demo: error: {tmp_path / 'matrix-quick'} is not empty and holds no matrix run; "
+        "choose another --out"
+    )
+    assert "Traceback" not in run.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["matrix-quick", "notes.txt"]

@@ -20,7 +20,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from mergekit_ftt.cli import Stages, entry_point, library_logs
-from mergekit_ftt.demo import pipeline
+from mergekit_ftt.demo import matrix, pipeline
 from mergekit_ftt.demo.config import DemoConfig, load_config
 from mergekit_ftt.demo.pipeline import FT_A, FT_B, M_A, M_B, TRANSFER, Layout
 from mergekit_ftt.errors import FttError
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help=f"show the libraries' logs instead of writing them to OUT/{LOG_FILE}",
+        help=f"show the libraries' logs instead of writing them to OUT/{LOG_FILE} "
+        f"(--matrix: OUT/matrix-*/{matrix.LOG_FILE})",
     )
     return parser
 
@@ -157,16 +158,10 @@ def _refuse_unused_with_matrix(args: argparse.Namespace) -> None:
         return
     if args.matrix < 1:
         raise FttError(f"--matrix {args.matrix}: give the number of seeds, 1 or more (alone: 3)")
-    unused = [
-        flag
-        for flag, given in (("--finetune-after", args.finetune_after), ("--verbose", args.verbose))
-        if given
-    ]
-    if unused:
+    if args.finetune_after:
         raise FttError(
-            f"--matrix does not take {' or '.join(unused)}: --finetune-after belongs to the "
-            "plain demo; the matrix writes the libraries' logs beside each seed's results. "
-            "Drop it, or run the plain demo without --matrix."
+            "--matrix does not take --finetune-after, which belongs to the plain demo: drop "
+            "it, or run the plain demo without --matrix."
         )
 
 
@@ -183,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = args.threads or config.torch_threads
     torch.set_num_threads(threads)
     if args.matrix is not None:
-        from mergekit_ftt.demo import matrix
-
-        matrix.run(args.out, args.quick, args.seed, args.matrix, threads, args.overwrite)
+        matrix.run(
+            args.out, args.quick, args.seed, args.matrix, threads, args.overwrite, args.verbose
+        )
         return
     settings = {"preset": preset, "seed": args.seed, "config": config.to_dict()}
     parts = ["main", *(["finetune_after"] if args.finetune_after else [])]

@@ -46,6 +46,7 @@ from mergekit_ftt.sources import is_finished_model
 # (stage, share of the stage) of each checkpoint: M1–M3 over the second half of stage 1
 # (earlier, the tiny model recalls too few facts for fine-tuning to show), M4 the middle and
 # M5 the end of stage 2 (OLMo 2: M4 = stage-2 step 6000 of 11931, M5 = the end).
+LOG_FILE = "matrix.log"
 CHECKPOINTS = {
     "full": ((1, 0.5), (1, 0.75), (1, 1.0), (2, 0.5), (2, 1.0)),
     "quick": ((1, 1.0), (2, 0.5), (2, 1.0)),
@@ -183,8 +184,9 @@ def recipe(layout: SeedLayout, pair: Pair) -> dict:
     return iterate.fill_template(template, round_)
 
 
-def transfer_all(layout: SeedLayout, pairs: Sequence[Pair], threads: int, log: Path) -> None:
-    """Write one recipe per pair and merge the missing ones with one ``mergekit-multi``."""
+def transfer_all(layout: SeedLayout, pairs: Sequence[Pair], threads: int, log: Path | None) -> None:
+    """Write one recipe per pair and merge the missing ones with one ``mergekit-multi``,
+    its output appended to ``log`` (None: on the terminal, ``--verbose``)."""
     documents = []
     for pair in pairs:
         document = recipe(layout, pair)
@@ -199,10 +201,12 @@ def transfer_all(layout: SeedLayout, pairs: Sequence[Pair], threads: int, log: P
     batch.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     command = [multi, str(batch), "--intermediate-dir", str(layout.transfer), "--lazy-unpickle"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with log.open("a", encoding="utf-8") as stream:
+    with contextlib.ExitStack() as stack:
+        stream = None if log is None else stack.enter_context(log.open("a", encoding="utf-8"))
         result = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
-        raise FttError(f"mergekit-multi failed on {batch}; its output is in {log}")
+        where = "above" if log is None else f"in {log}"
+        raise FttError(f"mergekit-multi failed on {batch}; its output is {where}")
 
 
 def inspect_all(layout: SeedLayout, pairs: Sequence[Pair]) -> dict[Pair, dict]:
@@ -253,7 +257,7 @@ def evaluate(layout: SeedLayout, checkpoints: list[Checkpoint], pairs: Sequence[
 
 
 def run_seed(
-    root: Path, config: DemoConfig, preset: str, seed: int, threads: int, log: Path
+    root: Path, config: DemoConfig, preset: str, seed: int, threads: int, log: Path | None
 ) -> dict:
     """Train, transfer, inspect and evaluate one seed's matrix; return its measurements."""
     layout = SeedLayout(root / f"seed{seed}")
@@ -297,9 +301,13 @@ def _cached(layout: SeedLayout, labels: Sequence[str]) -> str:
 
 
 @contextlib.contextmanager
-def quiet(log: Path):
+def quiet(log: Path | None):
     """Library logs, and what training and evaluation print (loss lines, lm-eval's bars),
-    go to the log file; the matrix's stage lines stay on the terminal."""
+    go to the log file; the matrix's stage lines stay on the terminal. ``log`` None
+    (``--verbose``): everything stays on the terminal."""
+    if log is None:
+        yield
+        return
     with (
         library_logs(log),
         log.open("a", encoding="utf-8") as stream,
@@ -327,8 +335,18 @@ def prepare(root: Path, settings: dict, overwrite: bool) -> None:
     record.write_text(json.dumps(settings, indent=2))
 
 
-def run(out: Path, quick: bool, seed: int, seeds: int, threads: int, overwrite: bool) -> dict:
-    """The whole matrix for ``seeds`` seeds from ``seed`` on; writes and prints the report."""
+def run(
+    out: Path,
+    quick: bool,
+    seed: int,
+    seeds: int,
+    threads: int,
+    overwrite: bool,
+    verbose: bool = False,
+) -> dict:
+    """The whole matrix for ``seeds`` seeds from ``seed`` on; writes and prints the report.
+    The libraries' logs go to ``matrix.log`` in the matrix folder, or, ``verbose``, to the
+    terminal."""
     preset = "quick" if quick else "full"
     config = load_config(preset)
     root = out / f"matrix-{preset}"
@@ -337,7 +355,7 @@ def run(out: Path, quick: bool, seed: int, seeds: int, threads: int, overwrite: 
     started, load_before = time.monotonic(), os.getloadavg()
     cpu_before = _cpu_seconds()
     results = [
-        run_seed(root, config, preset, s, threads, root / "matrix.log")
+        run_seed(root, config, preset, s, threads, None if verbose else root / LOG_FILE)
         for s in range(seed, seed + seeds)
     ]
     summary = {
