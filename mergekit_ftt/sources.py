@@ -250,7 +250,9 @@ def _unreachable(
         f"fetch it with {fetch} where the Hub is reachable"
         + ("" if cache_suffices else ", then write that folder in its place"),
         f"cannot load {at}: {why}, and it is not {nowhere} (looked in {Path.cwd()}). "
-        f"Fetch it where the Hub is reachable ({fetch}) {use}.",
+        f"Fetch it where the Hub is reachable ({fetch}) {use}."
+        # a name without organisation is more often a mistyped folder than a Hub id
+        + ("" if "/" in name else " If a local folder was meant, check the path."),
         cause=why,
     )
 

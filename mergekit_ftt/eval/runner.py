@@ -167,28 +167,100 @@ def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
     manager = _manager(paths, builtin=True)
     unknown = _missing(manager.task_index, tasks)
     if unknown:
+        skipped = "".join(
+            f"; lm-eval skipped {path}, which is not valid YAML ({problem}): fix it"
+            for path, problem in unreadable_yaml(include_paths)
+        )
         raise FttError(
             f"lm-eval knows no task or group named {', '.join(dict.fromkeys(unknown))}; "
-            "check the spelling or add the folder holding its YAML with --include-path"
+            f"check the spelling or add the folder holding its YAML with --include-path{skipped}"
         )
     return manager
 
 
+def unreadable_yaml(folders: Sequence[Path]) -> list[tuple[Path, str]]:
+    """The task files under ``folders`` that are not valid YAML, with the first problem:
+    lm-eval skips them with a warning, so their tasks are simply unknown."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # lm-eval's tags (!function) need not resolve here
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    found = []
+    for path in (f for folder in folders for f in sorted(Path(folder).rglob("*.yaml"))):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            found.append((path, f"{where}{getattr(error, 'problem', None) or error}"))
+    return found
+
+
 def missing_datasets(suite: Suite, manager, include_paths: Sequence[Path] = ()) -> list[Missing]:
     """Build each column's tasks once, as lm-eval will (loading their datasets into the
-    datasets cache), so that a dataset out of reach stops the run before any model loads;
-    return every one that cannot be loaded, each with the lm-eval command that fetches it."""
+    datasets cache), so that a dataset out of reach, or a task lm-eval cannot build from
+    its YAML, stops the run before any model loads; return every one, each with its fix
+    (for a Hub dataset, the lm-eval command that fetches it)."""
     from lm_eval.tasks import get_task_dict
+
+    from mergekit_ftt import hub
 
     missing = []
     for column in suite.columns:
+        task = column.task
         try:
-            get_task_dict([column.task], task_manager=manager)
-        except (OSError, ValueError) as error:  # datasets' "cannot load this": many types
-            what = f"the dataset of task {column.task!r}"
-            fetch = fetch_task_command(column.task, include_paths)
-            missing.append(missing_dataset(error, what, fetch))
+            tasks = get_task_dict([task], task_manager=manager)
+        except Exception as error:  # lm-eval building the user's task YAML: any type
+            if hub.classify(error) is not None or isinstance(error, FileNotFoundError):
+                what = f"the dataset of task {task!r}"
+                fetch = fetch_task_command(task, include_paths)
+                missing.append(missing_dataset(error, what, fetch))
+            else:
+                missing.append(_unbuildable(task, manager, _root_cause(error)))
+            continue
+        missing += [
+            _unbuildable(task, manager, f"{name!r} is not a metric lm-eval knows", where=built)
+            for built, name in _unknown_metrics(tasks)
+        ]
     return missing
+
+
+def _unbuildable(task: str, manager, problem: str, where: str | None = None) -> Missing:
+    """A task whose YAML lm-eval cannot turn into a task."""
+    entry = manager.task_index.get(task)
+    yaml_path = getattr(entry, "yaml_path", None) or "its YAML"
+    named = task if where in (None, task) else f"{task} ({where})"
+    fix = f"fix {yaml_path}"
+    message = f"lm-eval cannot build task {named!r}: {problem}; {fix}."
+    return Missing(named, f"lm-eval cannot build it: {problem}", fix, message, kind="task")
+
+
+def _unknown_metrics(tasks: dict) -> list[tuple[str, str]]:
+    """(task, metric) for each metric of a built task that lm-eval has no function for: it
+    only warns, and the evaluation fails after the model has been loaded."""
+    found = []
+    for name, task in tasks.items():
+        if isinstance(task, dict):  # a group: its tasks
+            found += _unknown_metrics(task)
+            continue
+        functions = getattr(task, "_metric_fn_list", None) or {}
+        found += [(str(name), metric) for metric, fn in functions.items() if fn is None]
+    return found
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of ``error``'s message, and of the deepest error it was raised from
+    when that says more (datasets' "An error occurred while generating the dataset")."""
+    first = str(error).strip().splitlines() or [type(error).__name__]
+    root = error
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    inner = str(root).strip().splitlines()
+    if root is error or not inner or inner[0] in first[0]:
+        return first[0].rstrip(".")
+    return f"{first[0].rstrip('.')}: {inner[0].rstrip('.')}"
 
 
 def fetch_task_command(task: str, include_paths: Sequence[Path] = ()) -> str:
