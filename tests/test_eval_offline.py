@@ -7,7 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import error_line, write_tiny_task
+
+from mergekit_ftt.eval import runner
+from mergekit_ftt.eval.suites import adhoc_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +47,7 @@ def test_hub_model_out_of_reach(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # lm-eval indexes its built-in tasks: 12 s
 def test_every_model_and_dataset_out_of_reach_at_once(tmp_path):
     """Two Hub models and the suite's six Hub datasets: one line names all eight, each with
     the command that fetches it."""
@@ -88,3 +93,38 @@ def test_task_dataset_out_of_reach(tmp_path, olmo2):
     fetch = "lm-eval run --model dummy --tasks hub_task --limit 1 --include_path"
     assert f"To use it offline, fetch it with `{fetch} {tmp_path / 'tasks'}` where" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda text: text, None),
+        (  # scored by its own function, as ifeval is: lm-eval stores None for the metric
+            lambda text: (
+                text.replace("metric: exact_match", "metric: own_score")
+                + "process_results: !function utils.process_results\n"
+            ),
+            None,
+        ),
+        (
+            lambda text: text.replace("metric: exact_match", "metric: no_such_metric"),
+            "lm-eval cannot build it: 'no_such_metric' is not a metric lm-eval knows",
+        ),
+    ],
+    ids=["a plain task", "own process_results", "an unknown metric"],
+)
+def test_a_metric_lm_eval_lacks_is_found_before_any_model_loads(tmp_path, edit, problem):
+    tasks = write_tiny_task(tmp_path / "tasks")
+    (tasks / "tiny.yaml").write_text(edit((tasks / "tiny.yaml").read_text()))
+    (tasks / "utils.py").write_text("def process_results(doc, results):\n    return {}\n")
+    manager = runner.task_manager([tasks], ["tiny_sum"])
+    missing = runner.missing_datasets(adhoc_suite(["tiny_sum"]), manager, [tasks])
+    assert [m.problem for m in missing] == ([problem] if problem else [])
+
+
+def test_task_files_that_are_not_yaml_are_named(tmp_path):
+    (tmp_path / "good.yaml").write_text("task: a\ndoc_to_text: !function utils.x\n")
+    (tmp_path / "bad.yaml").write_text("task: b\ntest_split: [test\n")
+    ((path, problem),) = runner.unreadable_yaml([tmp_path])
+    assert path == tmp_path / "bad.yaml"
+    assert problem.startswith("line 3: expected ',' or ']'")

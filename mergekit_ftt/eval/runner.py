@@ -245,6 +245,8 @@ def _unknown_metrics(tasks: dict) -> list[tuple[str, str]]:
         if isinstance(task, dict):  # a group: its tasks
             found += _unknown_metrics(task)
             continue
+        if getattr(getattr(task, "config", None), "process_results", None) is not None:
+            continue  # its own function scores every metric (ifeval): None is expected
         functions = getattr(task, "_metric_fn_list", None) or {}
         found += [(str(name), metric) for metric, fn in functions.items() if fn is None]
     return found
