@@ -78,7 +78,7 @@ class Missing:
     """One model or dataset this machine cannot load: what it is, why, and the fix."""
 
     name: str  # as the user wrote it, with its revision
-    problem: str  # short, for a list of several: "not in the Hugging Face cache, and offline"
+    problem: str  # short, for a list of several: "not a local folder", "a gated repository"
     fix: str  # short: the command that fetches it, or what to change
     message: str  # the whole explanation, when it is the only one
     kind: str = "model"  # or "dataset"
@@ -143,7 +143,7 @@ def find_model(wanted: Wanted, cache_suffices: bool = True) -> Missing | None:
     if folder.is_dir():
         if (folder / marker).is_file():
             return None
-        return _local(
+        return Missing(
             name,
             f"has no {marker}",
             f"give the folder of {kind}, the one that holds {marker}",
@@ -151,7 +151,7 @@ def find_model(wanted: Wanted, cache_suffices: bool = True) -> Missing | None:
             f"{marker}.",
         )
     if folder.exists():
-        return _local(
+        return Missing(
             name,
             "is a file",
             f"give the folder of {kind} (the one with {marker})",
@@ -164,7 +164,7 @@ def find_model(wanted: Wanted, cache_suffices: bool = True) -> Missing | None:
             if _looks_like_a_path(name)
             else "check the path; it is not a Hub model id (organisation/name) either"
         )
-        return _local(name, looked, fix, f"model {name!r}: {looked}; {fix}.")
+        return Missing(name, looked, fix, f"model {name!r}: {looked}; {fix}.")
     try:
         hub.probe(name, marker, revision=revision)
         return None
@@ -188,10 +188,6 @@ def require_models(
 ) -> None:
     """Raise ``error`` naming every model of ``wanted`` that cannot be loaded, at once."""
     raise_unavailable(missing_models(wanted, cache_suffices), error)
-
-
-def _local(name: str, problem: str, fix: str, message: str) -> Missing:
-    return Missing(name, problem, fix, message)
 
 
 def _at(name: str, revision: str | None) -> str:

@@ -80,6 +80,7 @@ def test_misspelled_local_model_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 11 s at load 2 on 2 cores
 def test_task_dataset_out_of_reach(tmp_path, olmo2):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "hub_task.yaml").write_text(TASK)

@@ -214,6 +214,7 @@ def test_offline_with_a_cached_copy_names_its_folder(llama, monkeypatch, tmp_pat
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("mergekit_ftt.sources._found_unreachable", None)  # set by the user
     recipe = transfer_recipe(llama.model("target", 1), [("org/tiny", 1.0)], llama.model("b", 2))
     with pytest.raises(FinetuningTransferError, match="HF_HUB_OFFLINE is set") as refused:
         run_merge(
@@ -342,6 +343,8 @@ def test_every_missing_input_is_named_in_one_line(no_token, tmp_path, monkeypatc
     from mergekit_ftt import sources
 
     monkeypatch.chdir(tmp_path)
+    # online, as far as this process knows (a test before may have gone offline in-process)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     answers = {
         "meta-llama/Meta-Llama-3-8B": hub_error(
             "/meta-llama/Meta-Llama-3-8B/resolve/main/config.json"
