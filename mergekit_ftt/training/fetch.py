@@ -55,8 +55,11 @@ def download(revision: str, repo_id: str = REPO_ID) -> Path:
             "Connect to the internet (and unset HF_HUB_OFFLINE), then run the same command "
             "again; finished checkpoints are skipped and partial downloads resume."
         ) from error
-    except HfHubHTTPError as error:
-        raise FttError(f"the Hub refused {repo_id}@{revision}: {error}") from error
+    except HfHubHTTPError as error:  # gated, no such revision, 5xx: one line that says so
+        from mergekit_ftt import hub
+
+        message = hub.explain(error, repo_id, revision=revision)
+        raise FttError(message or f"the Hub refused {repo_id}@{revision}") from error
 
 
 def save_bf16_with_pad_eos(snapshot: Path, folder: Path, provenance: dict) -> Path:
