@@ -213,6 +213,11 @@ CASES: dict[str, Case] = {
         "not valid YAML",
         task_edit("s/^test_split: test/test_split: [test/"),
     ),
+    "sweep: a task YAML that includes a missing file": Case(
+        "ftt-sweep recipe.yml --alphas 0,1 --tasks tiny_inc --include-path tasks --out sweep",
+        "it includes nothere.yaml",
+        "printf 'include: nothere.yaml\\ntask: tiny_inc\\n' > tasks/inc.yaml",
+    ),
     "sweep: a task YAML naming a metric lm-eval lacks": Case(
         f"ftt-sweep recipe.yml --alphas 0,1 {TASK} --out sweep",
         "'no_such_metric' is not a metric lm-eval knows",

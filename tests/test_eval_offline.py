@@ -126,6 +126,11 @@ def test_a_metric_lm_eval_lacks_is_found_before_any_model_loads(tmp_path, edit, 
 def test_task_files_that_are_not_yaml_are_named(tmp_path):
     (tmp_path / "good.yaml").write_text("task: a\ndoc_to_text: !function utils.x\n")
     (tmp_path / "bad.yaml").write_text("task: b\ntest_split: [test\n")
-    ((path, problem),) = runner.unreadable_yaml([tmp_path])
-    assert path == tmp_path / "bad.yaml"
-    assert problem.startswith("line 3: expected ',' or ']'")
+    (tmp_path / "inc.yaml").write_text("include: nothere.yaml\ntask: c\n")
+    (bad, problem), (inc, missing) = runner.unreadable_yaml([tmp_path])
+    assert bad == tmp_path / "bad.yaml"
+    assert problem.startswith("not valid YAML, line 3: expected ',' or ']'")
+    assert (inc, missing) == (
+        tmp_path / "inc.yaml",
+        f"it includes nothere.yaml, which is not in {tmp_path}",
+    )

@@ -168,7 +168,7 @@ def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
     unknown = _missing(manager.task_index, tasks)
     if unknown:
         skipped = "".join(
-            f"; lm-eval skipped {path}, which is not valid YAML ({problem}): fix it"
+            f"; lm-eval skipped {path} ({problem}): fix it"
             for path, problem in unreadable_yaml(include_paths)
         )
         raise FttError(
@@ -179,8 +179,8 @@ def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
 
 
 def unreadable_yaml(folders: Sequence[Path]) -> list[tuple[Path, str]]:
-    """The task files under ``folders`` that are not valid YAML, with the first problem:
-    lm-eval skips them with a warning, so their tasks are simply unknown."""
+    """The task files under ``folders`` that lm-eval skips with a warning, so that their
+    tasks are simply unknown: not valid YAML, or including a file that is not there."""
     import yaml
 
     class Loader(yaml.SafeLoader):  # lm-eval's tags (!function) need not resolve here
@@ -190,11 +190,16 @@ def unreadable_yaml(folders: Sequence[Path]) -> list[tuple[Path, str]]:
     found = []
     for path in (f for folder in folders for f in sorted(Path(folder).rglob("*.yaml"))):
         try:
-            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+            document = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             mark = getattr(error, "problem_mark", None)
             where = f"line {mark.line + 1}: " if mark is not None else ""
-            found.append((path, f"{where}{getattr(error, 'problem', None) or error}"))
+            problem = getattr(error, "problem", None) or error
+            found.append((path, f"not valid YAML, {where}{problem}"))
+            continue
+        included = document.get("include") if isinstance(document, dict) else None
+        if isinstance(included, str) and not (path.parent / included).is_file():
+            found.append((path, f"it includes {included}, which is not in {path.parent}"))
     return found
 
 
