@@ -3,8 +3,9 @@
 transformers and mergekit retry a failed Hub request for about 25 s before they raise an
 ``OSError`` that no longer says whether the network is down, the repository gated, the
 revision unknown or the id misspelled. :func:`probe` asks the Hub once, without retries,
-and :func:`explain` turns what huggingface_hub raises into one line that names the
-repository and the fix.
+:func:`classify` names what huggingface_hub raised (through the errors transformers and
+datasets wrap it in), and :func:`explain` turns it into one line that names the repository
+and the fix. The model lookup built on these is :mod:`mergekit_ftt.sources`.
 """
 
 from __future__ import annotations
