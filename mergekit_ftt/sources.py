@@ -306,16 +306,16 @@ def missing_dataset(error: BaseException, what: str, fetch: str | None = None) -
 
 
 class DatasetUnavailable(FttError):
-    """A dataset that cannot be loaded; ``missing`` says why, for a list of several."""
+    """Datasets that cannot be loaded; ``missing`` says why, to be listed with others."""
 
-    def __init__(self, missing: Missing) -> None:
-        super().__init__(missing.message)
-        self.missing = missing
+    def __init__(self, missing: Sequence[Missing]) -> None:
+        super().__init__(unavailable(missing))
+        self.missing = list(missing)
 
 
 def dataset_error(error: BaseException, what: str) -> DatasetUnavailable:
     """A one-line error for ``what`` (a dataset) that could not be loaded."""
-    return DatasetUnavailable(missing_dataset(error, what))
+    return DatasetUnavailable([missing_dataset(error, what)])
 
 
 def _one_line(error: BaseException) -> str:
