@@ -112,8 +112,9 @@ def gated_fix(repo_id: str) -> str:
 def explain(
     error: BaseException, repo_id: str, revision: str | None = None, filename: str | None = None
 ) -> str | None:
-    """One line naming ``repo_id``, what went wrong and the fix; None if ``error`` is not a
-    Hub access problem (then it is a bug, and keeps its traceback)."""
+    """One line naming ``repo_id``, what the Hub answered and the fix; None if ``error`` is
+    not such an answer. Where the Hub was not asked or did not answer (offline, no
+    network), a cached copy may serve: :mod:`mergekit_ftt.sources` says what to do."""
     kind = classify(error)
     if kind == GATED:
         who = (
@@ -142,24 +143,11 @@ def explain(
         )
     if kind == DISABLED:
         return f"{repo_id} has been disabled on the Hub by its owner: use another copy."
-    if kind == OFFLINE:
-        return (
-            f"{repo_id} is on the Hugging Face Hub and HF_HUB_OFFLINE is set: unset it, or "
-            f"download the model while online ({download_hint(repo_id, revision)}) and "
-            "write that folder in the recipe."
-        )
     if kind == HUB_ERROR:
         status = getattr(getattr(error, "response", None), "status_code", "an error")
         return (
             f"the Hub answered {status} when asked for {repo_id}: "
             f"{str(error).splitlines()[0]}. Try again later."
-        )
-    if kind == NETWORK:
-        return (
-            f"cannot reach {constants.ENDPOINT} to fetch {repo_id} "
-            f"({type(error).__name__}: {error}): connect to the internet, or download the "
-            f"model ahead of time on a machine that can ({download_hint(repo_id, revision)}) "
-            "and write that folder in the recipe."
         )
     return None
 

@@ -113,18 +113,15 @@ def test_misspelled_id(no_token):
     )
 
 
-def test_hub_trouble_and_no_network():
+def test_hub_trouble():
     busy = hub.explain(hub_error("/busy-org/model/resolve/main/config.json"), "busy-org/model")
     assert busy.startswith("the Hub answered 503 when asked for busy-org/model")
-    down = hub.explain(httpx2.ConnectError("[Errno -2] Name or service not known"), "org/m")
-    assert down.startswith("cannot reach https://huggingface.co to fetch org/m (ConnectError")
-    assert "`hf download org/m --local-dir models/m`" in down
-    offline = hub.explain(OfflineModeIsEnabled("offline"), "org/m")
-    assert "HF_HUB_OFFLINE is set" in offline
 
 
 def test_a_bug_is_not_explained_away():
     assert hub.explain(KeyError("config"), "org/m") is None
+    # no answer at all: the lookup (sources) says what serves instead
+    assert hub.explain(httpx2.ConnectError("[Errno -2] Name or service not known"), "m") is None
 
 
 class FakeHub(BaseHTTPRequestHandler):
