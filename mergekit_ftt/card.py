@@ -28,12 +28,9 @@ PROJECT_URL = "https://github.com/arcee-ai/mergekit"
 
 def hub_id(model: str) -> str | None:
     """``model`` if it names a Hub repository rather than a local folder (no network)."""
-    path = model.split("@", 1)[0]
-    if os.path.exists(path) or path.startswith(("/", "~", ".")):
-        return None
-    from mergekit_ftt import hub
+    from mergekit_ftt.sources import hub_id as repository
 
-    return path if hub.is_repo_id(path) else None
+    return repository(model.split("@", 1)[0])
 
 
 def _metadata(base_models: Iterable[str], tags: list[str], library: str | None) -> str:

@@ -279,8 +279,9 @@ def options_from(args: argparse.Namespace, model: type[BaseModel]) -> Any:
     try:
         return model(**given)
     except ValidationError as error:
-        problems = "; ".join(
-            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+        problems = "; ".join(  # our validators' messages without pydantic's "Value error, "
+            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
             for e in error.errors()
         )
         raise FttError(problems) from None

@@ -58,6 +58,17 @@ EDIT_DELTA_CONFIG = (  # a tensor's recorded shape changed by hand
 )
 
 
+PAPER_RECIPE = (  # recipes/llama3_plus_delta31.yml: three Hub models, none here
+    'python -c "import shutil; from mergekit_ftt.package_data import data_folder; '
+    "shutil.copy(data_folder('recipes') / 'llama3_plus_delta31.yml', 'paper.yml')\""
+)
+
+
+def task_edit(sed: str) -> str:
+    """A setup that edits the tiny_sum task's YAML (tasks/tiny.yaml) with ``sed``."""
+    return f"sed -i {shlex.quote(sed)} tasks/tiny.yaml"
+
+
 def recipe_edit(expression: str, name: str = "edited.yml") -> str:
     """A setup that writes recipe.yml, edited by a Python ``expression`` on ``r``, to ``name``."""
     script = (
@@ -108,6 +119,10 @@ CASES: dict[str, Case] = {
         "ftt-eval run --model x=target --tasks tiny_sum --include-path nowhere --output results",
         "no folder nowhere",
     ),
+    "eval: two Hub models, offline": Case(
+        f"ftt-eval run --model a=org/one --model b=org/two {TASK} --output results",
+        "cannot load 2 models (HF_HUB_OFFLINE is set)",
+    ),
     "eval: report --out inside a file": Case(
         "ftt-eval report results --out file/report", "is a file", A_FILE
     ),
@@ -128,6 +143,11 @@ CASES: dict[str, Case] = {
     ),
     "delta: --density without sparsification": Case(
         "ftt-delta extract --finetuned ft --base base --density 0.5 out", "--density"
+    ),
+    "delta: the README's paper recipe, offline": Case(
+        "ftt-delta extract paper.yml out",
+        "cannot load 2 models (HF_HUB_OFFLINE is set): meta-llama/Llama-3.1-8B-Instruct",
+        PAPER_RECIPE,
     ),
     "delta: info on a hand-edited delta_config.json": Case(
         "ftt-delta info delta", "was changed after extraction", EDIT_DELTA_CONFIG
@@ -151,6 +171,9 @@ CASES: dict[str, Case] = {
     ),
     "inspect: a model folder that does not exist": Case(
         "ftt-inspect edited.yml", "nope", recipe_edit("r['base_model'] = 'nope'")
+    ),
+    "inspect: the paper recipe, offline": Case(
+        "ftt-inspect paper.yml", "cannot load 3 models (HF_HUB_OFFLINE is set)", PAPER_RECIPE
     ),
     # --- ftt-sweep ------------------------------------------------------------------------
     "sweep: --alphas that are not numbers": Case(
@@ -179,6 +202,36 @@ CASES: dict[str, Case] = {
     "sweep: an unknown task": Case(
         "ftt-sweep recipe.yml --alphas 0,1 --tasks tiny_sun --include-path tasks --out sweep",
         "tiny_sun",
+    ),
+    "sweep: the paper recipe, offline": Case(
+        f"ftt-sweep paper.yml --alphas 0,1 {TASK} --out sweep",
+        "cannot load 3 models (HF_HUB_OFFLINE is set)",
+        PAPER_RECIPE,
+    ),
+    "sweep: a task YAML that is not valid YAML": Case(
+        f"ftt-sweep recipe.yml --alphas 0,1 {TASK} --out sweep",
+        "not valid YAML",
+        task_edit("s/^test_split: test/test_split: [test/"),
+    ),
+    "sweep: a task YAML that includes a missing file": Case(
+        "ftt-sweep recipe.yml --alphas 0,1 --tasks tiny_inc --include-path tasks --out sweep",
+        "it includes nothere.yaml",
+        "printf 'include: nothere.yaml\\ntask: tiny_inc\\n' > tasks/inc.yaml",
+    ),
+    "sweep: a task YAML naming a metric lm-eval lacks": Case(
+        f"ftt-sweep recipe.yml --alphas 0,1 {TASK} --out sweep",
+        "'no_such_metric' is not a metric lm-eval knows",
+        task_edit("s/metric: exact_match/metric: no_such_metric/"),
+    ),
+    "sweep: a task YAML whose !function does not import": Case(
+        f"ftt-sweep recipe.yml --alphas 0,1 {TASK} --out sweep",
+        "Cannot import module 'utils'",
+        task_edit("s/^doc_to_text.*/doc_to_text: !function utils.doc_to_text/"),
+    ),
+    "sweep: a task YAML with an unknown output_type": Case(
+        f"ftt-sweep recipe.yml --alphas 0,1 {TASK} --out sweep",
+        "invalid output_type",
+        task_edit("s/output_type: generate_until/output_type: generate/"),
     ),
     "sweep: a recipe that does not exist": Case(
         f"ftt-sweep nope.yml --alphas 0,1 {TASK} --out sweep", "nope.yml"
@@ -239,6 +292,9 @@ CASES: dict[str, Case] = {
         EDIT_DELTA_CONFIG
         + " && "
         + recipe_edit("r['models'] = [{'model': 'delta', 'parameters': {'role': 'delta'}}]"),
+    ),
+    "mergekit-yaml: the paper recipe, offline": Case(
+        "mergekit-yaml paper.yml out", "cannot load 3 models (HF_HUB_OFFLINE is set)", PAPER_RECIPE
     ),
     "mergekit-yaml: an output folder that holds a model": Case(
         "mergekit-yaml recipe.yml target", "target"

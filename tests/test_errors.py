@@ -241,7 +241,7 @@ def test_folder_without_config(trio, tmp_path):
 
 def test_missing_local_folder(trio, tmp_path):
     recipe = transfer_recipe(trio[0], [("./checkpoints/not-trained-yet", 1.0)], trio[2])
-    refused(recipe, tmp_path, "there is no folder ./checkpoints/not-trained-yet \\(looked in ")
+    refused(recipe, tmp_path, "model './checkpoints/not-trained-yet': no such local folder")
 
 
 # --- recipe keys the method does not read --------------------------------------------

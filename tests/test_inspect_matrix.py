@@ -291,3 +291,34 @@ def test_llama_quick_matrix_scores_the_shipped_verdict_on_heldout_seeds(tmp_path
     gap = {label: pair["candidates"]["model.gap_to_delta"] for label, pair in pairs.items()}
     assert gap["M3 + Δ2"] < gap["M3 + Δ1"]  # the two stage-2 checkpoints lie closest
     assert row["out_of_range"] == sum(not pair["verdict"]["in_range"] for pair in seed["pairs"])
+
+
+def test_verbose_keeps_the_libraries_output_on_the_terminal(tmp_path, capsys):
+    """``ftt-demo --matrix --verbose``: what the libraries print is not sent to matrix.log."""
+    log = tmp_path / matrix.LOG_FILE
+    with matrix.quiet(log):
+        print("loss 1.0 (into the log)")
+    with matrix.quiet(None):  # --verbose
+        print("loss 0.5 (on the terminal)")
+    assert capsys.readouterr().out == "loss 0.5 (on the terminal)\n"
+    assert "loss 1.0 (into the log)" in log.read_text()
+
+
+def test_matrix_takes_verbose(tmp_path):
+    """--verbose is passed on, not refused: the run gets as far as its output check."""
+    (tmp_path / "matrix-quick").mkdir()
+    (tmp_path / "matrix-quick" / "notes.txt").write_text("mine")
+    flags = ["--matrix", "1", "--quick", "--verbose", "--out", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, "-m", "mergekit_ftt.demo", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"ftt-demo: error: {tmp_path / 'matrix-quick'} is not empty and holds no matrix run; "
+        "choose another --out"
+    )
+    assert "Traceback" not in run.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["matrix-quick", "notes.txt"]

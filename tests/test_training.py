@@ -395,12 +395,17 @@ def test_unreachable_hub_model_is_one_line_naming_it_and_the_offline_recipe(tmp_
         "--config", "olmo2_m4_math", "--use_cpu", "true", "--output_dir", str(tmp_path / "o"),
         home=tmp_path / "hf",
     )  # fmt: skip
-    assert (
-        "cannot load model 'allenai/OLMo-2-1124-7B' (revision "
-        "stage2-ingredient1-step6000-tokens26B): the Hub is unreachable" in error
+    # the model and every dataset of the mixture, all out of reach, named at once
+    assert error.startswith(
+        "ftt-train: error: cannot load 1 model and 3 datasets (huggingface.co cannot be reached"
     )
-    assert "hf download allenai/OLMo-2-1124-7B --revision stage2-ingredient1-step6000" in error
-    assert "HF_HUB_OFFLINE=1" in error
+    assert (
+        "allenai/OLMo-2-1124-7B@stage2-ingredient1-step6000-tokens26B: not a local folder nor "
+        "in the Hugging Face cache; fetch it with `hf download allenai/OLMo-2-1124-7B "
+        "--revision stage2-ingredient1-step6000-tokens26B` where the Hub is reachable" in error
+    )
+    for name in ("math", "math-grade", "algebra"):  # the config's whole mixture
+        assert f"allenai/tulu-3-sft-personas-{name} (training data): not in the" in error
     assert not (tmp_path / "o").exists()
 
 
@@ -418,4 +423,27 @@ def test_unreachable_hub_dataset_is_one_line_naming_it(olmo_inputs, tmp_path):
         "Couldn't reach 'allenai/tulu-3-sft-personas-algebra' on the Hub" in error
     )
     assert "datasets.load_dataset('allenai/tulu-3-sft-personas-algebra')" in error
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # imports TRL in a subprocess: ~30 s on the busy 2-core machine
+def test_every_unreachable_dataset_of_a_mixture_is_named(olmo_inputs, tmp_path):
+    """TRL's get_dataset stops at the first; the line names both Hub datasets, not the
+    local file that loads."""
+    hub = ["allenai/tulu-3-sft-personas-algebra", "allenai/tulu-3-sft-personas-math"]
+    datasets = [{"path": path, "columns": ["messages"]} for path in hub]
+    config = write_config(
+        tmp_path / "c.yaml",
+        olmo_inputs,
+        tmp_path / "o",
+        datasets=[*local_data(olmo_inputs / "train.jsonl"), *datasets],
+    )
+    error = ftt_train_error("--config", str(config), home=tmp_path / "hf")
+    assert error.startswith("ftt-train: error: cannot load 2 datasets (")
+    for path in hub:
+        assert (
+            f"{path} (training data): not in the datasets cache; fetch it with "
+            f"`python -c \"import datasets; datasets.load_dataset('{path}')\"`"
+        ) in error
+    assert "train.jsonl" not in error
     assert not (tmp_path / "o").exists()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mergekit_ftt import tiny
+from mergekit_ftt.errors import FttError
 from mergekit_ftt.training import fetch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +82,24 @@ def test_no_names_is_a_usage_error(argv):
     with pytest.raises(SystemExit) as exit_info:
         fetch.main(argv)
     assert exit_info.value.code == 2
+
+
+def test_a_revision_the_hub_refuses_is_one_line(monkeypatch):
+    """What huggingface_hub raises for the Hub's answer becomes the lookup's own line."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.utils import hf_raise_for_status
+
+    def snapshot_download(repo_id, revision, allow_patterns):
+        url = f"https://huggingface.co/api/models/{repo_id}/revision/{revision}"
+        headers = {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}
+        hf_raise_for_status(
+            httpx2.Response(404, headers=headers, request=httpx2.Request("GET", url))
+        )
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(FttError) as refused:
+        fetch.download("stage9-no-such-step")
+    assert str(refused.value).startswith(
+        "allenai/OLMo-2-1124-7B has no revision 'stage9-no-such-step' (a branch, tag or commit)"
+    )

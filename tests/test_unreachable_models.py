@@ -30,6 +30,12 @@ from mergekit_ftt import hub
 from mergekit_ftt.errors import FinetuningTransferError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# recipes/llama3_plus_delta31.yml's target, source_finetuned and source_base
+PAPER_MODELS = (
+    "meta-llama/Meta-Llama-3-8B",
+    "meta-llama/Llama-3.1-8B-Instruct",
+    "meta-llama/Llama-3.1-8B",
+)
 
 # What the Hub answers to HEAD /{repo}/resolve/{revision}/{file} for an anonymous client.
 HUB_ANSWERS = {
@@ -107,18 +113,15 @@ def test_misspelled_id(no_token):
     )
 
 
-def test_hub_trouble_and_no_network():
+def test_hub_trouble():
     busy = hub.explain(hub_error("/busy-org/model/resolve/main/config.json"), "busy-org/model")
     assert busy.startswith("the Hub answered 503 when asked for busy-org/model")
-    down = hub.explain(httpx2.ConnectError("[Errno -2] Name or service not known"), "org/m")
-    assert down.startswith("cannot reach https://huggingface.co to fetch org/m (ConnectError")
-    assert "`hf download org/m --local-dir models/m`" in down
-    offline = hub.explain(OfflineModeIsEnabled("offline"), "org/m")
-    assert "HF_HUB_OFFLINE is set" in offline
 
 
 def test_a_bug_is_not_explained_away():
     assert hub.explain(KeyError("config"), "org/m") is None
+    # no answer at all: the lookup (sources) says what serves instead
+    assert hub.explain(httpx2.ConnectError("[Errno -2] Name or service not known"), "m") is None
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -208,16 +211,16 @@ def test_offline_with_a_cached_copy_names_its_folder(llama, monkeypatch, tmp_pat
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("mergekit_ftt.sources._found_unreachable", None)  # set by the user
     recipe = transfer_recipe(llama.model("target", 1), [("org/tiny", 1.0)], llama.model("b", 2))
-    with pytest.raises(FinetuningTransferError, match="HF_HUB_OFFLINE set") as refused:
+    with pytest.raises(FinetuningTransferError, match="HF_HUB_OFFLINE is set") as refused:
         run_merge(
             MergeConfiguration.model_validate(recipe),
             str(tmp_path / "out"),
             MergeOptions(quiet=True),
         )
-    assert f"A copy is in the Hugging Face cache: write {snapshot} in the recipe" in str(
-        refused.value
-    )
+    assert str(refused.value).startswith("org/tiny is in the Hugging Face cache, but mergekit")
+    assert f"write its cached folder {snapshot} in its place" in str(refused.value)
     assert nothing_written(tmp_path / "out")
 
 
@@ -228,15 +231,20 @@ def test_paper_recipe_without_network(tmp_path):
     line = refused_by_mergekit_yaml(
         RECIPES / "llama3_plus_delta31.yml", tmp_path, online_env(endpoint, tmp_path)
     )
-    assert line.startswith(f"Error: cannot reach {endpoint} to fetch meta-llama/Meta-Llama-3-8B")
-    assert "`hf download meta-llama/Meta-Llama-3-8B --local-dir models/Meta-Llama-3-8B`" in line
+    assert line.startswith(f"Error: cannot load 3 models ({endpoint} cannot be reached, Connect")
+    for model in PAPER_MODELS:  # all at once, each with the command that fetches it
+        name = model.split("/")[1]
+        assert (
+            f"{model}: not a local folder; fetch it with `hf download {model} --local-dir "
+            f"models/{name}` where the Hub is reachable, then write that folder in its place"
+        ) in line
 
 
 @pytest.mark.slow
 def test_paper_recipe_with_hf_hub_offline(tmp_path):
     line = refused_by_mergekit_yaml(RECIPES / "llama3_plus_delta31.yml", tmp_path, OFFLINE_ENV)
-    assert line.startswith("Error: meta-llama/Meta-Llama-3-8B is not a folder here")
-    assert "with HF_HUB_OFFLINE set it cannot come from the Hub either" in line
+    assert line.startswith("Error: cannot load 3 models (HF_HUB_OFFLINE is set): ")
+    assert all(f"{model}: not a local folder; fetch it with" in line for model in PAPER_MODELS)
 
 
 @pytest.mark.slow
@@ -244,11 +252,13 @@ def test_gated_model_through_mergekit_yaml(fake_hub, tmp_path):
     line = refused_by_mergekit_yaml(
         RECIPES / "llama3_plus_delta31.yml", tmp_path, online_env(fake_hub, tmp_path)
     )
-    assert line.startswith(
-        "Error: meta-llama/Meta-Llama-3-8B is a gated repository and this machine is not "
-        "logged in to the Hugging Face Hub: accept its terms at "
-        f"{fake_hub}/meta-llama/Meta-Llama-3-8B"
-    )
+    # The fake Hub has the gated target and nothing else: all three are named at once.
+    assert line.startswith("Error: cannot load 3 models: meta-llama/Meta-Llama-3-8B: a gated ")
+    assert (
+        "meta-llama/Meta-Llama-3-8B: a gated repository; accept its terms at "
+        f"{fake_hub}/meta-llama/Meta-Llama-3-8B (access is granted per account), then log in"
+    ) in line
+    assert "meta-llama/Llama-3.1-8B: the Hub repository has no config.json" in line
 
 
 @pytest.mark.slow
@@ -264,3 +274,96 @@ def test_unknown_model_through_mergekit_yaml(model, expected, fake_hub, llama, t
     recipe = transfer_recipe(llama.model("target", 1), [(model, 1.0)], llama.model("base", 2))
     line = refused_by_mergekit_yaml(recipe, tmp_path, online_env(fake_hub, tmp_path))
     assert line.startswith(f"Error: {expected}")
+
+
+# --- what each of huggingface_hub's errors is, wherever it is wrapped --------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (lambda: hub_error("/meta-llama/Meta-Llama-3-8B/resolve/main/config.json"), hub.GATED),
+        (
+            lambda: hub_error("/allenai/OLMo-2-1124-7B/resolve/no-such-step/config.json"),
+            hub.NO_REVISION,
+        ),
+        (lambda: hub_error("/meta-lama/Llama-3.1-8B/resolve/main/config.json"), hub.NOT_FOUND),
+        (lambda: hub_error("/busy-org/model/resolve/main/config.json"), hub.HUB_ERROR),
+        (lambda: OfflineModeIsEnabled("offline"), hub.OFFLINE),
+        (lambda: httpx2.ConnectError("[Errno -2] Name or service not known"), hub.NETWORK),
+        (lambda: KeyError("config"), None),
+    ],
+    ids=["gated", "revision", "not found", "503", "offline", "no network", "a bug"],
+)
+def test_classify_huggingface_hub_errors(error, kind):
+    assert hub.classify(error()) == kind
+
+
+def wrapped(error: BaseException, outer: BaseException) -> BaseException:
+    """``outer`` raised from ``error``, as transformers and datasets wrap huggingface_hub's."""
+    try:
+        try:
+            raise error
+        except BaseException as inner:
+            raise outer from inner
+    except BaseException as raised:
+        return raised
+
+
+def test_a_gated_repository_is_found_inside_the_wrappers():
+    gated = hub_error("/meta-llama/Meta-Llama-3-8B/resolve/main/config.json")
+    from_transformers = wrapped(gated, OSError("You are trying to access a gated repo."))
+    assert hub.classify(from_transformers) == hub.GATED
+    from datasets.exceptions import DatasetNotFoundError
+
+    message = "Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub."
+    assert hub.classify(wrapped(gated, DatasetNotFoundError(message))) == hub.GATED
+    assert hub.classify(DatasetNotFoundError(message)) == hub.GATED  # datasets' words alone
+
+
+def test_a_gated_dataset_is_named_as_gated(no_token):
+    from datasets.exceptions import DatasetNotFoundError
+
+    from mergekit_ftt.sources import missing_dataset
+
+    error = DatasetNotFoundError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub.")
+    missing = missing_dataset(error, "the dataset of task 'gpqa'")
+    assert missing.problem == "a gated dataset"
+    assert missing.message.startswith(
+        "cannot load the dataset of task 'gpqa': Idavidrein/gpqa is a gated dataset on the "
+        "Hub; accept its terms at https://huggingface.co/datasets/Idavidrein/gpqa, then log in"
+    )
+
+
+def test_every_missing_input_is_named_in_one_line(no_token, tmp_path, monkeypatch):
+    """A gated model, a local folder that is not there and a model out of reach: one line."""
+    from mergekit_ftt import sources
+
+    monkeypatch.chdir(tmp_path)
+    # online, as far as this process knows (a test before may have gone offline in-process)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    answers = {
+        "meta-llama/Meta-Llama-3-8B": hub_error(
+            "/meta-llama/Meta-Llama-3-8B/resolve/main/config.json"
+        ),
+        "org/far": httpx2.ConnectError("[Errno -2] Name or service not known"),
+    }
+
+    def probe(repo_id, filename, revision=None):
+        raise answers[repo_id]
+
+    monkeypatch.setattr(hub, "probe", probe)
+    wanted = [sources.Wanted(name) for name in (*answers, "./not-trained-yet")]
+    with pytest.raises(FinetuningTransferError) as refused:
+        sources.require_models(wanted, FinetuningTransferError, cache_suffices=False)
+    (line,) = str(refused.value).splitlines()
+    assert line.startswith("cannot load 3 models: meta-llama/Meta-Llama-3-8B: a gated repository")
+    assert "org/far: not a local folder, and https://huggingface.co cannot be reached" in line
+    assert "`hf download org/far --local-dir models/far`" in line
+    assert f"./not-trained-yet: no such local folder (looked in {tmp_path})" in line
+
+
+def test_a_paper_checkpoint_is_fetched_with_ftt_fetch_checkpoints():
+    hint = hub.download_hint("allenai/OLMo-2-1124-7B", "stage2-ingredient1-step7000-tokens30B")
+    assert hint.startswith("`ftt-fetch-checkpoints M4p --dest checkpoints`")
+    assert "checkpoints/M4prime" in hint

@@ -43,7 +43,7 @@ from mergekit_ftt.delta.format import (
 from mergekit_ftt.delta.options import ExtractOptions
 from mergekit_ftt.delta.plan import Plan, plan_extraction
 from mergekit_ftt.delta.shards import ShardWriter
-from mergekit_ftt.delta.source import TOKENIZER_FILES, Source, tensor_digest
+from mergekit_ftt.delta.source import TOKENIZER_FILES, Source, require_sources, tensor_digest
 from mergekit_ftt.errors import DeltaError
 from mergekit_ftt.outputs import StagedOutput
 
@@ -77,6 +77,7 @@ def extract(
     """Write the delta ``finetuned − base`` to the folder ``out``; return its config."""
     out = Path(out)
     _check_output(out, options.overwrite)
+    require_sources(finetuned, base)
     progress(f"reading configs, tensor indexes and headers of {finetuned} and {base}")
     ft_model, base_model = Source.open(finetuned), Source.open(base)
     plan = plan_extraction(ft_model, base_model)

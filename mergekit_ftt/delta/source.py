@@ -13,6 +13,7 @@ import torch
 
 from mergekit_ftt.delta.format import SourceModel, is_delta_folder
 from mergekit_ftt.errors import DeltaError
+from mergekit_ftt.sources import Wanted, require_models
 
 TOKENIZER_FILES = (
     "tokenizer_config.json",
@@ -41,17 +42,8 @@ class Source:
 
     @classmethod
     def open(cls, given: str) -> Source:
-        from mergekit.common import ModelReference
-
-        reference = ModelReference.parse(given)
-        if is_delta_folder(reference.model.path):
-            raise DeltaError(f"{given} is a delta folder, not a model; extract from the models.")
-        if reference.lora is not None:
-            raise DeltaError(
-                f"{given}: LoRA adapters are not models; merge the adapter first "
-                "(mergekit's `model+adapter` syntax needs --lora-merge-cache) or give the "
-                "merged model."
-            )
+        """Open ``given`` (checked first with :func:`require_sources`)."""
+        reference = model_reference(given)
         try:
             path = Path(reference.local_path())
             config = reference.config()
@@ -107,6 +99,32 @@ class Source:
             weights_sha256=weights_sha256,
             dtype=dtype,
         )
+
+
+def model_reference(given: str):
+    """mergekit's reference to the model ``given`` (``ID@REVISION`` too); a delta folder
+    or a LoRA adapter is refused: a delta is taken between two models."""
+    from mergekit.common import ModelReference
+
+    reference = ModelReference.parse(given)
+    if is_delta_folder(reference.model.path):
+        raise DeltaError(f"{given} is a delta folder, not a model; extract from the models.")
+    if reference.lora is not None:
+        raise DeltaError(
+            f"{given}: LoRA adapters are not models; merge the adapter first "
+            "(mergekit's `model+adapter` syntax needs --lora-merge-cache) or give the "
+            "merged model."
+        )
+    return reference
+
+
+def require_sources(*given: str) -> None:
+    """Refuse, naming all of them at once, the models of ``given`` this machine cannot
+    load, before any is read. mergekit's loader reads them, so a cached copy does not
+    serve offline (it asks the Hub for the file list)."""
+    references = [model_reference(name) for name in given]
+    wanted = [Wanted(r.model.path, r.model.revision) for r in references]
+    require_models(wanted, DeltaError, cache_suffices=False)
 
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> str:

@@ -20,7 +20,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from mergekit_ftt.cli import Stages, entry_point, library_logs
-from mergekit_ftt.demo import pipeline
+from mergekit_ftt.demo import matrix, pipeline
 from mergekit_ftt.demo.calibration import SeedSplit
 from mergekit_ftt.demo.calibration import parse_seeds as calibration_seeds
 from mergekit_ftt.demo.config import DemoConfig, load_config
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help=f"show the libraries' logs instead of writing them to OUT/{LOG_FILE}",
+        help=f"show the libraries' logs instead of writing them to OUT/{LOG_FILE} "
+        f"(--matrix: OUT/matrix-*/{matrix.LOG_FILE})",
     )
     return parser
 
@@ -226,16 +227,10 @@ def _refuse_unused_with_matrix(args: argparse.Namespace) -> None:
         return
     if args.matrix < 1:
         raise FttError(f"--matrix {args.matrix}: give the number of seeds, 1 or more (alone: 3)")
-    unused = [
-        flag
-        for flag, given in (("--finetune-after", args.finetune_after), ("--verbose", args.verbose))
-        if given
-    ]
-    if unused:
+    if args.finetune_after:
         raise FttError(
-            f"--matrix does not take {' or '.join(unused)}: --finetune-after belongs to the "
-            "plain demo; the matrix writes the libraries' logs beside each seed's results. "
-            "Drop it, or run the plain demo without --matrix."
+            "--matrix does not take --finetune-after, which belongs to the plain demo: drop "
+            "it, or run the plain demo without --matrix."
         )
 
 
@@ -252,10 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = args.threads or config.torch_threads
     torch.set_num_threads(threads)
     if args.matrix is not None:
-        from mergekit_ftt.demo import matrix
-
         seeds, split = matrix_seeds(args)
-        matrix.run(args.out, preset, seeds, threads, args.overwrite, split)
+        matrix.run(args.out, preset, seeds, threads, args.overwrite, split, args.verbose)
         return
     settings = {"preset": preset, "seed": args.seed, "config": config.to_dict()}
     parts = ["main", *(["finetune_after"] if args.finetune_after else [])]

@@ -47,6 +47,7 @@ from mergekit_ftt.sources import is_finished_model
 # (earlier, the tiny model recalls too few facts for fine-tuning to show), M4 the middle and
 # M5 the end of stage 2 (OLMo 2: M4 = stage-2 step 6000 of 11931, M5 = the end). Presets
 # whose name ends in "quick" take the three-checkpoint layout, the others the five.
+LOG_FILE = "matrix.log"
 CHECKPOINTS = {
     "full": ((1, 0.5), (1, 0.75), (1, 1.0), (2, 0.5), (2, 1.0)),
     "quick": ((1, 1.0), (2, 0.5), (2, 1.0)),
@@ -188,8 +189,9 @@ def recipe(layout: SeedLayout, pair: Pair) -> dict:
     return iterate.fill_template(template, round_)
 
 
-def transfer_all(layout: SeedLayout, pairs: Sequence[Pair], threads: int, log: Path) -> None:
-    """Write one recipe per pair and merge the missing ones with one ``mergekit-multi``."""
+def transfer_all(layout: SeedLayout, pairs: Sequence[Pair], threads: int, log: Path | None) -> None:
+    """Write one recipe per pair and merge the missing ones with one ``mergekit-multi``,
+    its output appended to ``log`` (None: on the terminal, ``--verbose``)."""
     documents = []
     for pair in pairs:
         document = recipe(layout, pair)
@@ -204,10 +206,12 @@ def transfer_all(layout: SeedLayout, pairs: Sequence[Pair], threads: int, log: P
     batch.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     command = [multi, str(batch), "--intermediate-dir", str(layout.transfer), "--lazy-unpickle"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with log.open("a", encoding="utf-8") as stream:
+    with contextlib.ExitStack() as stack:
+        stream = None if log is None else stack.enter_context(log.open("a", encoding="utf-8"))
         result = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
-        raise FttError(f"mergekit-multi failed on {batch}; its output is in {log}")
+        where = "above" if log is None else f"in {log}"
+        raise FttError(f"mergekit-multi failed on {batch}; its output is {where}")
 
 
 def inspect_all(layout: SeedLayout, pairs: Sequence[Pair]) -> dict[Pair, dict]:
@@ -258,7 +262,7 @@ def evaluate(layout: SeedLayout, checkpoints: list[Checkpoint], pairs: Sequence[
 
 
 def run_seed(
-    root: Path, config: DemoConfig, preset: str, seed: int, threads: int, log: Path
+    root: Path, config: DemoConfig, preset: str, seed: int, threads: int, log: Path | None
 ) -> dict:
     """Train, transfer, inspect and evaluate one seed's matrix; return its measurements."""
     layout = SeedLayout(root / f"seed{seed}")
@@ -302,9 +306,13 @@ def _cached(layout: SeedLayout, labels: Sequence[str]) -> str:
 
 
 @contextlib.contextmanager
-def quiet(log: Path):
+def quiet(log: Path | None):
     """Library logs, and what training and evaluation print (loss lines, lm-eval's bars),
-    go to the log file; the matrix's stage lines stay on the terminal."""
+    go to the log file; the matrix's stage lines stay on the terminal. ``log`` None
+    (``--verbose``): everything stays on the terminal."""
+    if log is None:
+        yield
+        return
     with (
         library_logs(log),
         log.open("a", encoding="utf-8") as stream,
@@ -339,11 +347,13 @@ def run(
     threads: int,
     overwrite: bool,
     split: calibration.SeedSplit | None = None,
+    verbose: bool = False,
 ) -> dict:
     """The whole matrix for ``seeds``; writes and prints the report. With ``split``, the
     report fits the verdict's curve on its calibration seeds only and scores it, and the
     shipped calibration, on its held-out seeds (:func:`calibration.heldout_report`); a held-out
-    seed that a fit used is refused before anything runs."""
+    seed that a fit used is refused before anything runs. The libraries' logs go to
+    ``matrix.log`` in the matrix folder, or, ``verbose``, to the terminal."""
     if split is not None:
         try:
             calibration.check_heldout(
@@ -361,7 +371,8 @@ def run(
     prepare(root, json.loads(json.dumps(settings)), overwrite)
     started, load_before = time.monotonic(), os.getloadavg()
     cpu_before = _cpu_seconds()
-    results = [run_seed(root, config, preset, s, threads, root / "matrix.log") for s in seeds]
+    log = None if verbose else root / LOG_FILE
+    results = [run_seed(root, config, preset, s, threads, log) for s in seeds]
     summary = {
         "preset": preset,
         **({"split": split.to_dict()} if split else {}),

@@ -30,7 +30,14 @@ from mergekit_ftt.errors import FttError
 from mergekit_ftt.eval import backends
 from mergekit_ftt.eval.options import BackendOptions
 from mergekit_ftt.eval.suites import SUITES_DIR, Column, Suite, adhoc_suite, load_suite
-from mergekit_ftt.sources import dataset_error, require_model, work_offline_if_hub_unreachable
+from mergekit_ftt.sources import (
+    Missing,
+    Wanted,
+    find_model,
+    missing_dataset,
+    raise_unavailable,
+    work_offline_if_hub_unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +70,14 @@ class ModelSpec:
             )
 
 
-def require_evaluable(name_or_path: str) -> None:
-    """Fail with one line unless ``name_or_path`` is a model lm-eval can load: a local folder
-    with a config and readable weights (not a delta folder), or a Hub model in reach."""
+def missing_evaluable(name_or_path: str) -> Missing | None:
+    """None if ``name_or_path`` is a model lm-eval can load: a local folder with a config and
+    readable weights, or a Hub model in reach (or, offline, in the cache); else what is
+    missing (:mod:`mergekit_ftt.sources`). A delta folder or damaged weights are refused
+    with an :class:`FttError` at once."""
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
-        require_model(name_or_path)
-        return
+        return find_model(Wanted(name_or_path))
     from mergekit.common import ModelReference
     from mergekit.options import MergeOptions
 
@@ -81,8 +89,10 @@ def require_evaluable(name_or_path: str) -> None:
             f"{name_or_path} is a delta folder (ftt-delta extract), not a model: add it to a "
             "base model with mergekit-yaml (`role: delta`) and evaluate the merged folder."
         )
-    require_model(name_or_path)  # its config.json
-    read_checkpoint(ModelReference.parse(str(folder)), MergeOptions(quiet=True))  # its weights
+    missing = find_model(Wanted(name_or_path))  # its config.json
+    if missing is None:
+        read_checkpoint(ModelReference.parse(str(folder)), MergeOptions(quiet=True))  # weights
+    return missing
 
 
 def resolve_suite(
@@ -157,23 +167,122 @@ def task_manager(include_paths: Sequence[Path], tasks: Sequence[str]):
     manager = _manager(paths, builtin=True)
     unknown = _missing(manager.task_index, tasks)
     if unknown:
+        skipped = "".join(
+            f"; lm-eval skipped {path} ({problem}): fix it"
+            for path, problem in unreadable_yaml(include_paths)
+        )
         raise FttError(
             f"lm-eval knows no task or group named {', '.join(dict.fromkeys(unknown))}; "
-            "check the spelling or add the folder holding its YAML with --include-path"
+            f"check the spelling or add the folder holding its YAML with --include-path{skipped}"
         )
     return manager
 
 
-def require_datasets(suite: Suite, manager) -> None:
+def unreadable_yaml(folders: Sequence[Path]) -> list[tuple[Path, str]]:
+    """The task files under ``folders`` that lm-eval skips with a warning, so that their
+    tasks are simply unknown: not valid YAML, or including a file that is not there."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # lm-eval's tags (!function) need not resolve here
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    found = []
+    for path in (f for folder in folders for f in sorted(Path(folder).rglob("*.yaml"))):
+        try:
+            document = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(error, "problem", None) or error
+            found.append((path, f"not valid YAML, {where}{problem}"))
+            continue
+        included = document.get("include") if isinstance(document, dict) else None
+        if isinstance(included, str) and not (path.parent / included).is_file():
+            found.append((path, f"it includes {included}, which is not in {path.parent}"))
+    return found
+
+
+def missing_datasets(suite: Suite, manager, include_paths: Sequence[Path] = ()) -> list[Missing]:
     """Build each column's tasks once, as lm-eval will (loading their datasets into the
-    datasets cache), so that a dataset out of reach stops the run before any model loads."""
+    datasets cache), so that a dataset out of reach, or a task lm-eval cannot build from
+    its YAML, stops the run before any model loads; return every one, each with its fix
+    (for a Hub dataset, the lm-eval command that fetches it)."""
     from lm_eval.tasks import get_task_dict
 
+    from mergekit_ftt import hub
+
+    missing = []
     for column in suite.columns:
+        task = column.task
         try:
-            get_task_dict([column.task], task_manager=manager)
-        except (OSError, ValueError) as error:  # datasets' "cannot load this": many types
-            raise dataset_error(error, f"the dataset of task {column.task!r}") from None
+            tasks = get_task_dict([task], task_manager=manager)
+        except Exception as error:  # lm-eval building the user's task YAML: any type
+            if hub.classify(error) is not None or isinstance(error, FileNotFoundError):
+                what = f"the dataset of task {task!r}"
+                fetch = fetch_task_command(task, include_paths)
+                missing.append(missing_dataset(error, what, fetch))
+            else:
+                missing.append(_unbuildable(task, manager, _root_cause(error)))
+            continue
+        missing += [
+            _unbuildable(task, manager, f"{name!r} is not a metric lm-eval knows", where=built)
+            for built, name in _unknown_metrics(tasks)
+        ]
+    return missing
+
+
+def _unbuildable(task: str, manager, problem: str, where: str | None = None) -> Missing:
+    """A task whose YAML lm-eval cannot turn into a task."""
+    entry = manager.task_index.get(task)
+    yaml_path = getattr(entry, "yaml_path", None) or "its YAML"
+    named = task if where in (None, task) else f"{task} ({where})"
+    fix = f"fix {yaml_path}"
+    message = f"lm-eval cannot build task {named!r}: {problem}; {fix}."
+    return Missing(named, f"lm-eval cannot build it: {problem}", fix, message, kind="task")
+
+
+def _unknown_metrics(tasks: dict) -> list[tuple[str, str]]:
+    """(task, metric) for each metric of a built task that lm-eval has no function for: it
+    only warns, and the evaluation fails after the model has been loaded."""
+    found = []
+    for name, task in tasks.items():
+        if isinstance(task, dict):  # a group: its tasks
+            found += _unknown_metrics(task)
+            continue
+        if getattr(getattr(task, "config", None), "process_results", None) is not None:
+            continue  # its own function scores every metric (ifeval): None is expected
+        functions = getattr(task, "_metric_fn_list", None) or {}
+        found += [(str(name), metric) for metric, fn in functions.items() if fn is None]
+    return found
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of ``error``'s message, and of the deepest error it was raised from
+    when that says more (datasets' "An error occurred while generating the dataset")."""
+    first = str(error).strip().splitlines() or [type(error).__name__]
+    root = error
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    inner = str(root).strip().splitlines()
+    if root is error or not inner or inner[0] in first[0]:
+        return first[0].rstrip(".")
+    return f"{first[0].rstrip('.')}: {inner[0].rstrip('.')}"
+
+
+def fetch_task_command(task: str, include_paths: Sequence[Path] = ()) -> str:
+    """The lm-eval command that loads ``task``'s datasets into the datasets cache (one
+    example with lm-eval's dummy model), with the folder that defines it if it is ours."""
+    folder = next(
+        (
+            path
+            for path in (SUITES_DIR, *include_paths)
+            if task in _manager((str(path),), builtin=False).task_index
+        ),
+        None,
+    )
+    where = f" --include_path {folder}" if folder is not None else ""
+    return f"`lm-eval run --model dummy --tasks {task} --limit 1{where}`"
 
 
 def _settings(limit: float | None, chat: bool, multiturn: bool) -> tuple:
@@ -314,11 +423,10 @@ def evaluate_models(
         raise FttError(f"model labels must be unique, got {labels}")
     # Everything a run needs is checked before the first result is written.
     work_offline_if_hub_unreachable()
-    for spec in models:
-        if spec.load is None:  # a model built in this process needs no download
-            require_evaluable(spec.pretrained)
+    # a model built in this process (``load``) needs no download
+    missing = [missing_evaluable(spec.pretrained) for spec in models if spec.load is None]
     manager = task_manager(include_paths, [c.task for c in suite.columns])
-    require_datasets(suite, manager)
+    raise_unavailable([*filter(None, missing), *missing_datasets(suite, manager, include_paths)])
 
     output_dir = Path(output_dir)
     written: dict[str, dict[str, Path]] = {}

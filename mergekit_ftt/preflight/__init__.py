@@ -44,7 +44,7 @@ from mergekit_ftt.preflight.checkpoints import (
     note,
     read_checkpoint,
 )
-from mergekit_ftt.preflight.models import card_safe_paths, locate
+from mergekit_ftt.preflight.models import card_safe_paths, locate_all
 from mergekit_ftt.preflight.recipe import (
     check_lora_cache,
     check_parameter_keys,
@@ -120,8 +120,7 @@ def check_inputs(config: MergeConfiguration, options: MergeOptions) -> TransferI
     check_delta_roles(config, target, roles)
     check_parameter_keys(config)
     check_lora_cache(config, options)
-    for reference in referenced_models(config):
-        locate(reference)
+    locate_all(config)
     check_delta_inputs(config, target, roles, options)
     models = [target, *filter(None, [inputs.source_base]), *inputs.deltas]
     configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}

@@ -1,12 +1,11 @@
-"""Where each model of a recipe is: a local folder, or a Hub repository this machine can fetch.
-
-A Hub repository is asked for once, without retries (:mod:`mergekit_ftt.hub`), before
-mergekit's own requests, which retry for about 25 s and then end in a traceback.
+"""Where each model of a recipe is, in the one model lookup (:mod:`mergekit_ftt.sources`),
+and the local folders written so that mergekit's model card does not take them for Hub ids.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from mergekit.common import ModelPath, ModelReference
 from mergekit.config import MergeConfiguration
@@ -14,69 +13,30 @@ from pydantic import BaseModel
 
 from mergekit_ftt import hub
 from mergekit_ftt.errors import FinetuningTransferError
-from mergekit_ftt.preflight.checkpoints import WEIGHT_FILES
 from mergekit_ftt.preflight.recipe import referenced_models
+from mergekit_ftt.sources import LORA_ADAPTER, Missing, Wanted, missing_models, raise_unavailable
 
 
-def locate(model: ModelReference) -> None:
-    """Make sure mergekit will find ``model`` (and its LoRA adapter): a local folder with
-    the right files, or a Hub repository this machine can download."""
-    _locate_path(model.model, "config.json", "a transformers model")
+def locate_all(config: MergeConfiguration) -> None:
+    """Make sure mergekit will find every model of ``config`` (and LoRA adapter): a local
+    folder with the right files, or a Hub repository this machine can download; name all
+    those it cannot in one :class:`FinetuningTransferError`."""
+    raise_unavailable(missing_recipe_models(config), FinetuningTransferError)
+
+
+def missing_recipe_models(config: MergeConfiguration) -> list[Missing]:
+    """The models and LoRA adapters of ``config`` that mergekit could not load. A cached
+    copy does not serve offline: mergekit 0.1.5 asks the Hub for the file list of every
+    Hub model."""
+    wanted = (w for model in referenced_models(config) for w in wanted_paths(model))
+    return missing_models(wanted, cache_suffices=False)
+
+
+def wanted_paths(model: ModelReference) -> Iterator[Wanted]:
+    """What the lookup checks for ``model``: its folder or Hub id, and its LoRA adapter."""
+    yield Wanted(model.model.path, model.model.revision)
     if model.lora is not None:
-        _locate_path(model.lora, "adapter_config.json", "a PEFT LoRA adapter")
-
-
-def _locate_path(path: ModelPath, marker: str, kind: str) -> None:
-    name = path.path
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, marker)):
-            raise FinetuningTransferError(
-                f"{name} has no {marker}, so it is not {kind} folder: point the recipe at "
-                f"the folder that holds {marker}."
-            )
-        return
-    if os.path.exists(name):
-        raise FinetuningTransferError(
-            f"{name} is a file; the recipe needs the folder of {kind} (the one with {marker})."
-        )
-    if not hub.is_repo_id(name):
-        raise FinetuningTransferError(
-            f"there is no folder {name} (looked in {os.getcwd()}): check the path in the recipe."
-        )
-    try:
-        hub.probe(name, marker, revision=path.revision)
-    except Exception as error:
-        message = hub.explain(error, name, revision=path.revision, filename=marker)
-        if message is None:
-            raise
-        raise FinetuningTransferError(_unreachable(error, name, path.revision, message)) from None
-
-
-def _unreachable(error: BaseException, repo_id: str, revision: str | None, message: str) -> str:
-    """Where the Hub cannot be reached, say what works offline: mergekit 0.1.5 lists a Hub
-    model's files on the Hub before every merge, so even a cached copy needs its folder."""
-    offline = isinstance(error, hub.OfflineModeIsEnabled)
-    if not offline and not hub.is_network_error(error):
-        return message
-    snapshot = hub.cached_snapshot(repo_id, revision)
-    if snapshot is not None and not any(
-        os.path.exists(os.path.join(snapshot, weights)) for weights in WEIGHT_FILES
-    ):
-        snapshot = None  # only the config was fetched (by transformers, say)
-    if snapshot is not None:
-        fix = f"A copy is in the Hugging Face cache: write {snapshot} in the recipe"
-    else:
-        fix = (
-            f"Download it while online ({hub.download_hint(repo_id, revision)}) and write "
-            "that folder in the recipe"
-        )
-    if offline:
-        return (
-            f"{repo_id} is not a folder here ({os.getcwd()}), and with HF_HUB_OFFLINE set it "
-            "cannot come from the Hub either: mergekit asks the Hub for the file list of "
-            f"every Hub model, even a cached one. {fix}, or unset HF_HUB_OFFLINE."
-        )
-    return f"{message} {fix}." if snapshot is not None else message
+        yield Wanted(model.lora.path, model.lora.revision, *LORA_ADAPTER)
 
 
 def card_safe_paths(config: MergeConfiguration) -> MergeConfiguration:

@@ -150,9 +150,12 @@ class Sweep:
     # --- checks before any merge ---------------------------------------------------
 
     def resolve_evaluation(self):
-        """The suite, backend and options; unknown tasks or suites fail here, first."""
+        """The suite, backend and options; unknown tasks or suites fail here, first, then
+        every model of the recipe and dataset of the suite out of reach, named at once."""
         from mergekit_ftt.eval import backends
-        from mergekit_ftt.eval.runner import resolve_suite, task_manager
+        from mergekit_ftt.eval.runner import missing_datasets, resolve_suite, task_manager
+        from mergekit_ftt.preflight.models import missing_recipe_models
+        from mergekit_ftt.sources import raise_unavailable
 
         args, run = self.args, self.run_options
         self.backend = run.backend or backends.default_backend()
@@ -164,7 +167,9 @@ class Sweep:
             run.apply_chat_template,
             run.fewshot_as_multiturn,
         )
-        task_manager(include, [column.task for column in self.suite.columns])
+        manager = task_manager(include, [column.task for column in self.suite.columns])
+        models = missing_recipe_models(load_recipe(self.args.recipe))
+        raise_unavailable([*models, *missing_datasets(self.suite, manager, include)])
 
     def make_variants(self, alphas: list[float], kinds: list[str]) -> list[Variant]:
         """The grid, each variant's planned weights checked against the intended ones."""

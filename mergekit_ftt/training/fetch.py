@@ -21,34 +21,11 @@ from pathlib import Path
 
 from mergekit_ftt.cli import entry_point
 from mergekit_ftt.errors import FttError
+from mergekit_ftt.paper_checkpoints import CHECKPOINTS, REPO_ID, checkpoint_name, folder_name
 
-REPO_ID = "allenai/OLMo-2-1124-7B"
-
-# The paper's names for the checkpoints it uses (Table 3 and the OLMo 2 instruct transfer).
-CHECKPOINTS = {
-    "M1": "stage1-step300000-tokens1259B",
-    "M2": "stage1-step600000-tokens2517B",
-    "M3": "stage1-step928646-tokens3896B",
-    "M4": "stage2-ingredient1-step6000-tokens26B",
-    "M5": "stage2-ingredient1-step11931-tokens50B",
-    "M4'": "stage2-ingredient1-step7000-tokens30B",
-}
 # Only the files a transformers checkpoint needs (the repos also hold other formats).
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 COMPLETE_MARKER = "ftt_fetch.json"
-
-
-def checkpoint_name(name: str) -> str:
-    """Canonical table key: accepts M4′ (prime), M4' and m4p for M4′."""
-    canonical = name.strip().upper().replace("′", "'").replace("P", "'")
-    if canonical not in CHECKPOINTS:
-        raise FttError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}.")
-    return canonical
-
-
-def folder_name(name: str) -> str:
-    """File-system-safe folder name: M4' is saved as M4prime."""
-    return name.replace("'", "prime")
 
 
 def format_table(dest: Path) -> str:
@@ -78,8 +55,11 @@ def download(revision: str, repo_id: str = REPO_ID) -> Path:
             "Connect to the internet (and unset HF_HUB_OFFLINE), then run the same command "
             "again; finished checkpoints are skipped and partial downloads resume."
         ) from error
-    except HfHubHTTPError as error:
-        raise FttError(f"the Hub refused {repo_id}@{revision}: {error}") from error
+    except HfHubHTTPError as error:  # gated, no such revision, 5xx: one line that says so
+        from mergekit_ftt import hub
+
+        message = hub.explain(error, repo_id, revision=revision)
+        raise FttError(message or f"the Hub refused {repo_id}@{revision}") from error
 
 
 def save_bf16_with_pad_eos(snapshot: Path, folder: Path, provenance: dict) -> Path:

@@ -12,6 +12,7 @@ In Python, ``train(*parse_args(["--config", path]))`` returns the fine-tuned mod
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,16 @@ from trl import ModelConfig, SFTConfig
 
 from mergekit_ftt.cli import entry_point
 from mergekit_ftt.errors import FttError
-from mergekit_ftt.sources import dataset_error, require_model, work_offline_if_hub_unreachable
+from mergekit_ftt.sources import (
+    DatasetUnavailable,
+    Missing,
+    Wanted,
+    dataset_error,
+    missing_dataset,
+    missing_models,
+    raise_unavailable,
+    work_offline_if_hub_unreachable,
+)
 from mergekit_ftt.training.checks import prepare_output_dir, resolve_attn_implementation, validate
 from mergekit_ftt.training.config import DatasetMixture, FttParser, FttScriptArguments
 
@@ -60,8 +70,13 @@ def train(
     """
     validate(script_args, training_args, model_args)
     work_offline_if_hub_unreachable()
-    require_model(model_args.model_name_or_path, model_args.model_revision)
-    train_dataset = load_train_dataset(script_args, dataset_args)
+    # every model and dataset out of reach is named at once
+    missing = missing_models([Wanted(model_args.model_name_or_path, model_args.model_revision)])
+    try:
+        train_dataset = load_train_dataset(script_args, dataset_args)
+    except DatasetUnavailable as error:
+        missing += error.missing
+    raise_unavailable(missing)
     with training_args.main_process_first(desc="checking output_dir"):
         resume_from = training_args.resume_from_checkpoint or prepare_output_dir(
             script_args, training_args.output_dir
@@ -95,7 +110,26 @@ def load_train_dataset(script_args: FttScriptArguments, dataset_args: DatasetMix
             split=script_args.dataset_train_split,
         )
     except (OSError, ValueError) as error:  # datasets' "cannot load this": many types
+        if len(dataset_args.datasets) > 1:  # name every one out of reach, not the first only
+            raise DatasetUnavailable(
+                _missing_entries(dataset_args)
+                or [missing_dataset(error, f"the training data ({', '.join(paths)})")]
+            ) from None
         raise dataset_error(error, f"the training data ({', '.join(paths)})") from None
+
+
+def _missing_entries(dataset_args: DatasetMixture) -> list[Missing]:
+    """The entries of a mixture that cannot be loaded, each loaded alone (the error path
+    only: TRL's get_dataset stops at the first)."""
+    from trl import get_dataset
+
+    missing = []
+    for entry in dataset_args.datasets:
+        try:
+            get_dataset(dataclasses.replace(dataset_args, datasets=[entry]))
+        except (OSError, ValueError) as error:
+            missing.append(missing_dataset(error, "training data"))
+    return missing
 
 
 def build_trainer(
