@@ -31,11 +31,11 @@ from bench_merge import (
     REPO,
     Inputs,
     machine_info,
-    machine_line,
     measure,
     summarize,
     transfer_config,
 )
+from harness import command_line, page_top, variant_rows
 
 LABELS = {"transfer": "mergekit-yaml (finetuning_transfer)", "inspect": "ftt-inspect"}
 
@@ -52,27 +52,28 @@ def commands(recipe: Path, workdir: Path, mergekit_args: list[str]) -> dict[str,
 def render(result: dict) -> str:
     summary = result["summary"]
     merge_wall = summary["transfer"].get("wall_s")
-    lines = [
-        f"# ftt-inspect vs the transfer merge: {result['size']}, {result['started_utc']}",
-        "",
-        machine_line(result),
-        "",
+
+    def cells(variant: str, row: dict) -> list[str]:
+        return [
+            f"{row['wall_s']:.1f}",
+            f"{row['cpu_s']:.1f}",
+            f"{row['peak_rss_gb']:.2f}",
+            f"{row['peak_anon_gb']:.2f}",
+            f"{row['wall_s'] / merge_wall:.2f}" if merge_wall else "–",
+        ]
+
+    lines = page_top(
+        "ftt-inspect vs the transfer merge",
+        result,
         f"Inputs {result['input_bytes'] / GB:.2f} GB (three checkpoints). Median of "
         f"{result['repeats']} alternating runs, each a fresh process, start-up included.",
-        "",
+    )
+    lines += [
         "| command | wall s | CPU s | peak RSS GB | of it anonymous GB | wall ÷ merge |",
         "|---|---:|---:|---:|---:|---:|",
+        *variant_rows(summary, LABELS.__getitem__, cells, width=4),
+        *command_line(result),
     ]
-    for variant, row in summary.items():
-        if "wall_s" not in row:
-            lines.append(f"| {LABELS[variant]} | – | – | – | – | {row.get('note', '')} |")
-            continue
-        ratio = f"{row['wall_s'] / merge_wall:.2f}" if merge_wall else "–"
-        lines.append(
-            f"| {LABELS[variant]} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
-            f"{row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} | {ratio} |"
-        )
-    lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from harness import BENCH_DIR, DEFAULT_RESULTS, GB, REPO, machine_info, machine_line, rounded_once
+from harness import (
+    BENCH_DIR,
+    DEFAULT_RESULTS,
+    GB,
+    REPO,
+    command_line,
+    machine_info,
+    page_top,
+    rounded_once,
+    variant_rows,
+    verification_lines,
+)
 
 DEFAULT_CHECKPOINTS = BENCH_DIR / "checkpoints"
 VARIANTS = ("transfer", "task_arithmetic", "full_load", "io_floor")
@@ -559,17 +570,14 @@ def markdown_table(summary: dict, startup_s: float) -> str:
         "| load | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for variant, row in summary.items():
-        if "wall_s" not in row:
-            lines.append(f"| {label(variant)} |" + " – |" * 10 + f" {row['note']} |")
-            continue
+
+    def cells(variant: str, row: dict) -> list[str]:
         work = row["wall_s"] - startup_s if is_mergekit(variant) else row["wall_s"]
         compared = floor and variant not in ("startup", "io_floor")
         states = row.get("main_thread_states", {})
         low, high = row["wall_s_range"]
         anon_low, anon_high = row["peak_anon_gb_range"]
-        cells = [
-            label(variant),
+        return [
             f"{row['wall_s']:.1f} ({low:.1f}–{high:.1f})",
             f"{row['cpu_s']:.1f}",
             f"{row['peak_rss_gb']:.2f} ({row['peak_anon_gb']:.2f}; {anon_low:.2f}–{anon_high:.2f})",
@@ -582,8 +590,8 @@ def markdown_table(summary: dict, startup_s: float) -> str:
             "–".join(f"{x:.1f}" for x in row["load_average"]) if "load_average" in row else "–",
             row["note"],
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    return "\n".join(lines + variant_rows(summary, label, cells, width=10))
 
 
 def run_benchmark(settings: Settings) -> dict:
@@ -660,11 +668,9 @@ CACHE_NOTES = {
 def render_markdown(result: dict) -> str:
     startup = result["summary"]["startup"].get("wall_s", 0.0)
     cache = result.get("cache", "as-found")
-    parts = [
-        f"# Merge benchmark: {result['size']}, {result['started_utc']}",
-        "",
-        machine_line(result),
-        "",
+    parts = page_top(
+        "Merge benchmark",
+        result,
         f"Inputs {result['input_bytes'] / GB:.2f} GB (three checkpoints), output "
         f"{result['output_bytes'] / GB:.2f} GB. Page cache: {CACHE_NOTES[cache]}. Median "
         f"(min–max) of {result['repeats']} alternating runs, each in a fresh process. Merge "
@@ -672,23 +678,15 @@ def render_markdown(result: dict) -> str:
         "disk: storage reads of the process tree (0 when the inputs were in the page cache). "
         "Main thread: share of samples running or waiting for a core (R), waiting for the "
         "disk (D) and waiting otherwise (S).",
-        "",
-        markdown_table(result["summary"], startup),
-        "",
-        f"Command: `{result['command']}`",
-    ]
+    )
+    parts += [markdown_table(result["summary"], startup), *command_line(result)]
     for name, setting in result.get("transfer_settings", {}).items():
         parts.append(
             f"- {label(name)}: `{' '.join(f'{k}={v}' for k, v in setting['env'].items())} "
             f"mergekit-yaml ... {' '.join([*result['mergekit_args'], *setting['mergekit_args']])}`"
         )
-    if "verification" in result:
-        parts += ["", "Elements that differ from float64 `target + (ft − sb)` rounded once:", ""]
-        for variant, entry in result["verification"].items():
-            parts.append(
-                f"- {label(variant)}: {entry['mismatched']} of {entry['elements']} "
-                f"(max |diff| {entry['max_abs_diff']:.3g})"
-            )
+    heading = "Elements that differ from float64 `target + (ft − sb)` rounded once:"
+    parts += verification_lines(result, label, heading)
     return "\n".join(parts) + "\n"
 
 

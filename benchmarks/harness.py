@@ -81,3 +81,38 @@ def rates(elements: int, seconds: list[float]) -> dict:
     """Median, min and max of ``elements`` per second, in millions."""
     per_second = sorted(elements / s / 1e6 for s in seconds)
     return {"median": statistics.median(per_second), "min": per_second[0], "max": per_second[-1]}
+
+
+def page_top(title: str, result: dict, intro: str) -> list[str]:
+    """A results page's first lines: "# title: size, start", the machine line, ``intro``."""
+    return [f"# {title}: {result['size']}, {result['started_utc']}", "", machine_line(result), "", intro, ""]  # fmt: skip
+
+
+def variant_rows(summary: dict, label, cells, width: int) -> list[str]:
+    """A Markdown table row a variant: its label, then ``cells(variant, row)``; a variant
+    that did not run gets ``width`` dashes and its note."""
+    lines = []
+    for variant, row in summary.items():
+        if "wall_s" not in row:
+            lines.append(f"| {label(variant)} |" + " – |" * width + f" {row.get('note', '')} |")
+        else:
+            lines.append("| " + " | ".join([label(variant), *cells(variant, row)]) + " |")
+    return lines
+
+
+def verification_lines(result: dict, label, heading: str) -> list[str]:
+    """The page's list of elements that differ from the reference, where it was checked."""
+    if "verification" not in result:
+        return []
+    lines = ["", heading, ""]
+    for variant, entry in result["verification"].items():
+        lines.append(
+            f"- {label(variant)}: {entry['mismatched']:,} of {entry['elements']:,} "
+            f"({entry['mismatched'] / entry['elements']:.4%}; max |diff| {entry['max_abs_diff']:.3g})"
+        )
+    return lines
+
+
+def command_line(result: dict) -> list[str]:
+    """The page's last line: the command that made it."""
+    return ["", f"Command: `{result['command']}`"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import DEFAULT_RESULTS, machine_info, rates
+from harness import DEFAULT_RESULTS, command_line, machine_info, rates
 
 from mergekit_ftt.merge_methods import kernel
 
@@ -141,7 +141,7 @@ def render(result: dict) -> str:
             f"{cpu['median']:.0f} ({cpu['min']:.0f}–{cpu['max']:.0f}) | "
             f"{row['cores_used']:.2f} | {cpu['median'] / copy:.2f} |"
         )
-    lines += ["", f"Command: `{result['command']}`"]
+    lines += command_line(result)
     return "\n".join(lines) + "\n"
 
 
