@@ -126,12 +126,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     corpus = [f"the sum of {a} and {b} is {a + b}." for a in range(20) for b in range(20)]
     tokenizer = tiny.build_tokenizer(corpus, vocab_size=200)
-    config = tiny.tiny_config(
-        "llama",
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny.tiny_config_for(tokenizer, "llama")
     model = tiny.save_random_model(config, root / "model", seed=0, tokenizer=tokenizer)
     truth = [str(a + b) for a, b in QUESTIONS]
     tasks = write_tasks(root / "tasks1", truth, truth)

@@ -89,19 +89,17 @@ def build_model(model_config: ModelConfig, tokenizer, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergekit_ftt.tiny import tiny_config
+    from mergekit_ftt.tiny import tiny_config_for
 
-    config = tiny_config(
+    config = tiny_config_for(
+        tokenizer,
         model_config.architecture,
-        vocab_size=len(tokenizer),
         hidden_size=model_config.hidden_size,
         num_layers=model_config.num_layers,
         num_heads=model_config.num_heads,
         num_kv_heads=model_config.num_kv_heads,
         intermediate_size=model_config.intermediate_size,
         tie_word_embeddings=model_config.tie_word_embeddings,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
