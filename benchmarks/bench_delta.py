@@ -22,10 +22,8 @@ three-model output element by element. Writes ``benchmarks/results/delta-<size>-
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -44,14 +42,19 @@ from bench_merge import (  # noqa: E402
     GB,
     Inputs,
     Run,
-    machine_info,
     measure,
     mergekit_command,
     startup_run,
     summarize,
     transfer_config,
 )
-from harness import command_line, page_top, variant_rows, verification_lines  # noqa: E402
+from harness import (  # noqa: E402
+    command_line,
+    page_top,
+    result_start,
+    variant_rows,
+    verification_lines,
+)
 
 FORMATS = {  # delta folder name -> ftt-delta extract options
     "bf16_exact": ["--dtype", "bfloat16"],
@@ -259,15 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = Inputs.for_size(args.checkpoints, args.size)
     workdir = args.workdir or args.checkpoints / args.size / "bench-delta"
     env = dict(os.environ)
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {
-        "size": args.size,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_start": os.getloadavg(),
-        "repeats": args.repeats,
-        "command": "python " + shlex.join(sys.argv),
-    }
+    result = result_start(args.size, args.repeats)
     variants = [v for v in args.variants.split(",") if v]
     result["deltas"] = prepare(inputs, workdir, env, variants)
     runs: dict[str, list[Run]] = {v: [] for v in variants}

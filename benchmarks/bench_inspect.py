@@ -15,12 +15,9 @@ Writes ``benchmarks/results/inspect-<size>-<date>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
@@ -30,12 +27,11 @@ from bench_merge import (
     GB,
     REPO,
     Inputs,
-    machine_info,
     measure,
     summarize,
     transfer_config,
 )
-from harness import command_line, page_top, variant_rows
+from harness import command_line, page_top, result_start, variant_rows
 
 LABELS = {"transfer": "mergekit-yaml (finetuning_transfer)", "inspect": "ftt-inspect"}
 
@@ -98,17 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     variants = commands(recipe, workdir, args.mergekit_args.split())
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {
-        "size": args.size,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_start": os.getloadavg(),
-        "input_bytes": inputs.total_bytes,
-        "repeats": args.repeats,
-        "command": "python " + shlex.join(sys.argv),
-        "commands": variants,
-    }
+    result = result_start(
+        args.size, args.repeats, input_bytes=inputs.total_bytes, commands=variants
+    )
     runs: dict[str, list] = {variant: [] for variant in variants}
     for round_index in range(args.repeats):
         for variant, command in variants.items():

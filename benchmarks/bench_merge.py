@@ -55,8 +55,8 @@ from harness import (
     GB,
     REPO,
     command_line,
-    machine_info,
     page_top,
+    result_start,
     rounded_once,
     variant_rows,
     verification_lines,
@@ -597,28 +597,23 @@ def markdown_table(summary: dict, startup_s: float) -> str:
 def run_benchmark(settings: Settings) -> dict:
     write_configs(settings)
     input_bytes = settings.inputs.total_bytes
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {
-        "size": settings.size,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_start": os.getloadavg(),
-        "input_bytes": input_bytes,
-        "output_bytes": settings.inputs.weight_bytes(settings.inputs.target),
-        "repeats": settings.repeats,
-        "command": "python " + shlex.join(sys.argv),
-        "mergekit_args": list(settings.mergekit_args),
-        "transfer_settings": {
+    result = result_start(
+        settings.size,
+        settings.repeats,
+        input_bytes=input_bytes,
+        output_bytes=settings.inputs.weight_bytes(settings.inputs.target),
+        mergekit_args=list(settings.mergekit_args),
+        transfer_settings={
             name: {"env": env, "mergekit_args": list(args)}
             for name, (env, args) in settings.transfer_settings.items()
         },
-        "cache": settings.cache,
-        "configs": {
+        cache=settings.cache,
+        configs={
             "transfer": transfer_config(settings.inputs),
             "task_arithmetic": task_arithmetic_config(settings.inputs),
         },
-        "runs": [],
-    }
+        runs=[],
+    )
     runs: dict[str, list[Run]] = {v: [] for v in ("startup", *settings.variants)}
     for round_index in range(settings.repeats):
         runs["startup"].append(startup_run(settings, round_index))

@@ -24,7 +24,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import make_checkpoints  # noqa: E402
-from bench_merge import DEFAULT_RESULTS, GB, machine_info, measure  # noqa: E402
+from bench_merge import measure  # noqa: E402
+from harness import DEFAULT_RESULTS, GB, machine_info  # noqa: E402
 
 SIZE = "llama3-8b-1layer"
 FORMATS = {

@@ -6,8 +6,10 @@ measurements), never from tests/.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -45,6 +47,20 @@ def machine_info() -> dict:
         "mergekit": version("mergekit"),
         "transformers": version("transformers"),
         "safetensors": version("safetensors"),
+    }
+
+
+def result_start(size: str, repeats: int, **fields) -> dict:
+    """A results record's first fields: the size, the start, the machine and its load, the
+    repeats and the command line; then ``fields``."""
+    return {
+        "size": size,
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average_start": os.getloadavg(),
+        "repeats": repeats,
+        "command": "python " + shlex.join(sys.argv),
+        **fields,
     }
 
 
