@@ -54,6 +54,7 @@ from harness import (  # noqa: E402
     result_start,
     variant_rows,
     verification_lines,
+    write_result,
 )
 
 FORMATS = {  # delta folder name -> ftt-delta extract options
@@ -292,9 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             v: summarize(rs, 0) for v, rs in runs.items()
         }
         result["ratios"] = ratios(runs, startup)
-        args.results.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        stem.with_suffix(".md").write_text(render(result))
+        write_result(stem, result, render(result))
     print(render(result))
     print(f"wrote {stem}.md and .json")
 

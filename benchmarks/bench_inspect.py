@@ -15,7 +15,6 @@ Writes ``benchmarks/results/inspect-<size>-<date>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
@@ -31,7 +30,7 @@ from bench_merge import (
     summarize,
     transfer_config,
 )
-from harness import command_line, page_top, result_start, variant_rows
+from harness import command_line, page_top, result_start, variant_rows, write_result
 
 LABELS = {"transfer": "mergekit-yaml (finetuning_transfer)", "inspect": "ftt-inspect"}
 
@@ -112,10 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     result["load_average_end"] = os.getloadavg()
     result["runs"] = [vars(run) for variant_runs in runs.values() for run in variant_runs]
     result["summary"] = {v: summarize(rs, inputs.total_bytes) for v, rs in runs.items()}
-    args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"inspect-{args.size}-{result['started_utc'][:16].replace(':', '')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render(result))
+    write_result(stem, result, render(result))
     print(render(result))
     print(f"wrote {stem}.md and .json")
 

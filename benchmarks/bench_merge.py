@@ -60,6 +60,7 @@ from harness import (
     rounded_once,
     variant_rows,
     verification_lines,
+    write_result,
 )
 
 DEFAULT_CHECKPOINTS = BENCH_DIR / "checkpoints"
@@ -647,10 +648,7 @@ def _record(result: dict, runs: dict[str, list[Run]], input_bytes: int, settings
     result["load_average_end"] = os.getloadavg()
     result["runs"] = [asdict(r) for rs in runs.values() for r in rs]
     result["summary"] = {v: summarize(rs, input_bytes) for v, rs in runs.items() if rs}
-    settings.results.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(settings, result["started_utc"])
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(result))
+    write_result(result_stem(settings, result["started_utc"]), result, render_markdown(result))
 
 
 CACHE_NOTES = {

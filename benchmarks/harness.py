@@ -7,6 +7,7 @@ measurements), never from tests/.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -62,6 +63,13 @@ def result_start(size: str, repeats: int, **fields) -> dict:
         "command": "python " + shlex.join(sys.argv),
         **fields,
     }
+
+
+def write_result(stem: Path, result: dict, page: str) -> None:
+    """``stem``.json, the record, and ``stem``.md, its page; the folder is made if missing."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(page)
 
 
 def machine_line(result: dict) -> str:
