@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: where results go, the machine line, the reference.
+"""What the benchmark scripts share: where results go and how they are written (the JSON
+record, the Markdown page and its common parts), the machine line, the reference.
 
 Every script in benchmarks/ imports from here (or from bench_merge.py, for the merge
 measurements), never from tests/.
