@@ -22,10 +22,8 @@ three-model output element by element. Writes ``benchmarks/results/delta-<size>-
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -44,13 +42,19 @@ from bench_merge import (  # noqa: E402
     GB,
     Inputs,
     Run,
-    machine_info,
-    machine_line,
     measure,
     mergekit_command,
     startup_run,
     summarize,
     transfer_config,
+)
+from harness import (  # noqa: E402
+    command_line,
+    page_top,
+    result_start,
+    variant_rows,
+    verification_lines,
+    write_result,
 )
 
 FORMATS = {  # delta folder name -> ftt-delta extract options
@@ -176,30 +180,30 @@ def compare(reference: Path, output: Path) -> dict:
 def render(result: dict) -> str:
     summary = result["summary"]
     startup = summary.get("startup", {}).get("wall_s", 0.0)
-    lines = [
-        f"# Delta benchmark: {result['size']}, {result['started_utc']}",
-        "",
-        machine_line(result),
-        "",
+
+    def cells(variant: str, row: dict) -> list[str]:
+        mergekit = variant in ("three_model", *APPLIES)
+        ratios = result["ratios"].get(variant, {})
+        return [
+            f"{row['wall_s']:.1f}",
+            f"{row['cpu_s']:.1f}",
+            f"{row['peak_rss_gb']:.2f}",
+            f"{row['peak_anon_gb']:.2f}",
+            f"{row['wall_s'] - startup:.1f}" if mergekit else "–",
+            *(format(ratios[key], ".2f") if ratios else "–" for key in ("wall", "work")),
+        ]
+
+    lines = page_top(
+        "Delta benchmark",
+        result,
         f"Median of {result['repeats']} alternating runs, each a fresh process. Merge work = "
         "wall − `mergekit-yaml --help`. Ratios are per round (side by side), then the median.",
-        "",
+    )
+    lines += [
         "| variant | wall s | CPU s | peak RSS GB | of it anonymous GB | merge work s | wall ÷ (a) | work ÷ (a) |",
         "|---|---|---|---|---|---|---|---|",
+        *variant_rows(summary, LABELS.__getitem__, cells, width=7),
     ]
-    for variant, row in summary.items():
-        if "wall_s" not in row:
-            lines.append(f"| {LABELS[variant]} | – | – | – | – | – | – | – | {row.get('note', '')}")
-            continue
-        mergekit = variant in ("three_model", *APPLIES)
-        work = f"{row['wall_s'] - startup:.1f}" if mergekit else "–"
-        ratios = result["ratios"].get(variant, {})
-        lines.append(
-            f"| {LABELS[variant]} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
-            f"{row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} | {work} | "
-            f"{ratios.get('wall', '–') if not ratios else format(ratios['wall'], '.2f')} | "
-            f"{ratios.get('work', '–') if not ratios else format(ratios['work'], '.2f')} |"
-        )
     lines += ["", "Delta folders (extracted once, before the rounds):", ""]
     lines += [
         "| format | GB | bytes per element | exact corrections | extraction: wall s, CPU s, anonymous GB |",
@@ -217,14 +221,9 @@ def render(result: dict) -> str:
             f"{held['exact_corrections']:,} ({held['exact_corrections'] / held['elements']:.3%}) | "
             f"{extraction} |"
         )
-    if "verification" in result:
-        lines += ["", "Elements of each apply output that differ from the three-model output:", ""]
-        for variant, entry in result["verification"].items():
-            lines.append(
-                f"- {LABELS[variant]}: {entry['mismatched']:,} of {entry['elements']:,} "
-                f"({entry['mismatched'] / entry['elements']:.4%}; max |diff| {entry['max_abs_diff']:.3g})"
-            )
-    lines += ["", f"Command: `{result['command']}`", ""]
+    heading = "Elements of each apply output that differ from the three-model output:"
+    lines += verification_lines(result, LABELS.__getitem__, heading)
+    lines += [*command_line(result), ""]
     return "\n".join(lines)
 
 
@@ -264,15 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = Inputs.for_size(args.checkpoints, args.size)
     workdir = args.workdir or args.checkpoints / args.size / "bench-delta"
     env = dict(os.environ)
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {
-        "size": args.size,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_start": os.getloadavg(),
-        "repeats": args.repeats,
-        "command": "python " + shlex.join(sys.argv),
-    }
+    result = result_start(args.size, args.repeats)
     variants = [v for v in args.variants.split(",") if v]
     result["deltas"] = prepare(inputs, workdir, env, variants)
     runs: dict[str, list[Run]] = {v: [] for v in variants}
@@ -302,9 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             v: summarize(rs, 0) for v, rs in runs.items()
         }
         result["ratios"] = ratios(runs, startup)
-        args.results.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        stem.with_suffix(".md").write_text(render(result))
+        write_result(stem, result, render(result))
     print(render(result))
     print(f"wrote {stem}.md and .json")
 

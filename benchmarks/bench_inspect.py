@@ -15,12 +15,8 @@ Writes ``benchmarks/results/inspect-<size>-<date>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
@@ -30,12 +26,11 @@ from bench_merge import (
     GB,
     REPO,
     Inputs,
-    machine_info,
-    machine_line,
     measure,
     summarize,
     transfer_config,
 )
+from harness import command_line, page_top, result_start, variant_rows, write_result
 
 LABELS = {"transfer": "mergekit-yaml (finetuning_transfer)", "inspect": "ftt-inspect"}
 
@@ -52,27 +47,28 @@ def commands(recipe: Path, workdir: Path, mergekit_args: list[str]) -> dict[str,
 def render(result: dict) -> str:
     summary = result["summary"]
     merge_wall = summary["transfer"].get("wall_s")
-    lines = [
-        f"# ftt-inspect vs the transfer merge: {result['size']}, {result['started_utc']}",
-        "",
-        machine_line(result),
-        "",
+
+    def cells(variant: str, row: dict) -> list[str]:
+        return [
+            f"{row['wall_s']:.1f}",
+            f"{row['cpu_s']:.1f}",
+            f"{row['peak_rss_gb']:.2f}",
+            f"{row['peak_anon_gb']:.2f}",
+            f"{row['wall_s'] / merge_wall:.2f}" if merge_wall else "–",
+        ]
+
+    lines = page_top(
+        "ftt-inspect vs the transfer merge",
+        result,
         f"Inputs {result['input_bytes'] / GB:.2f} GB (three checkpoints). Median of "
         f"{result['repeats']} alternating runs, each a fresh process, start-up included.",
-        "",
+    )
+    lines += [
         "| command | wall s | CPU s | peak RSS GB | of it anonymous GB | wall ÷ merge |",
         "|---|---:|---:|---:|---:|---:|",
+        *variant_rows(summary, LABELS.__getitem__, cells, width=4),
+        *command_line(result),
     ]
-    for variant, row in summary.items():
-        if "wall_s" not in row:
-            lines.append(f"| {LABELS[variant]} | – | – | – | – | {row.get('note', '')} |")
-            continue
-        ratio = f"{row['wall_s'] / merge_wall:.2f}" if merge_wall else "–"
-        lines.append(
-            f"| {LABELS[variant]} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
-            f"{row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} | {ratio} |"
-        )
-    lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -97,17 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     variants = commands(recipe, workdir, args.mergekit_args.split())
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {
-        "size": args.size,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_start": os.getloadavg(),
-        "input_bytes": inputs.total_bytes,
-        "repeats": args.repeats,
-        "command": "python " + shlex.join(sys.argv),
-        "commands": variants,
-    }
+    result = result_start(
+        args.size, args.repeats, input_bytes=inputs.total_bytes, commands=variants
+    )
     runs: dict[str, list] = {variant: [] for variant in variants}
     for round_index in range(args.repeats):
         for variant, command in variants.items():
@@ -123,10 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     result["load_average_end"] = os.getloadavg()
     result["runs"] = [vars(run) for variant_runs in runs.values() for run in variant_runs]
     result["summary"] = {v: summarize(rs, inputs.total_bytes) for v, rs in runs.items()}
-    args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"inspect-{args.size}-{result['started_utc'][:16].replace(':', '')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render(result))
+    write_result(stem, result, render(result))
     print(render(result))
     print(f"wrote {stem}.md and .json")
 

@@ -49,7 +49,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from harness import BENCH_DIR, DEFAULT_RESULTS, GB, REPO, machine_info, machine_line, rounded_once
+from harness import (
+    BENCH_DIR,
+    DEFAULT_RESULTS,
+    GB,
+    REPO,
+    command_line,
+    page_top,
+    result_start,
+    rounded_once,
+    variant_rows,
+    verification_lines,
+    write_result,
+)
 
 DEFAULT_CHECKPOINTS = BENCH_DIR / "checkpoints"
 VARIANTS = ("transfer", "task_arithmetic", "full_load", "io_floor")
@@ -559,17 +571,14 @@ def markdown_table(summary: dict, startup_s: float) -> str:
         "| load | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for variant, row in summary.items():
-        if "wall_s" not in row:
-            lines.append(f"| {label(variant)} |" + " – |" * 10 + f" {row['note']} |")
-            continue
+
+    def cells(variant: str, row: dict) -> list[str]:
         work = row["wall_s"] - startup_s if is_mergekit(variant) else row["wall_s"]
         compared = floor and variant not in ("startup", "io_floor")
         states = row.get("main_thread_states", {})
         low, high = row["wall_s_range"]
         anon_low, anon_high = row["peak_anon_gb_range"]
-        cells = [
-            label(variant),
+        return [
             f"{row['wall_s']:.1f} ({low:.1f}–{high:.1f})",
             f"{row['cpu_s']:.1f}",
             f"{row['peak_rss_gb']:.2f} ({row['peak_anon_gb']:.2f}; {anon_low:.2f}–{anon_high:.2f})",
@@ -582,35 +591,30 @@ def markdown_table(summary: dict, startup_s: float) -> str:
             "–".join(f"{x:.1f}" for x in row["load_average"]) if "load_average" in row else "–",
             row["note"],
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    return "\n".join(lines + variant_rows(summary, label, cells, width=10))
 
 
 def run_benchmark(settings: Settings) -> dict:
     write_configs(settings)
     input_bytes = settings.inputs.total_bytes
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {
-        "size": settings.size,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_start": os.getloadavg(),
-        "input_bytes": input_bytes,
-        "output_bytes": settings.inputs.weight_bytes(settings.inputs.target),
-        "repeats": settings.repeats,
-        "command": "python " + shlex.join(sys.argv),
-        "mergekit_args": list(settings.mergekit_args),
-        "transfer_settings": {
+    result = result_start(
+        settings.size,
+        settings.repeats,
+        input_bytes=input_bytes,
+        output_bytes=settings.inputs.weight_bytes(settings.inputs.target),
+        mergekit_args=list(settings.mergekit_args),
+        transfer_settings={
             name: {"env": env, "mergekit_args": list(args)}
             for name, (env, args) in settings.transfer_settings.items()
         },
-        "cache": settings.cache,
-        "configs": {
+        cache=settings.cache,
+        configs={
             "transfer": transfer_config(settings.inputs),
             "task_arithmetic": task_arithmetic_config(settings.inputs),
         },
-        "runs": [],
-    }
+        runs=[],
+    )
     runs: dict[str, list[Run]] = {v: [] for v in ("startup", *settings.variants)}
     for round_index in range(settings.repeats):
         runs["startup"].append(startup_run(settings, round_index))
@@ -644,10 +648,7 @@ def _record(result: dict, runs: dict[str, list[Run]], input_bytes: int, settings
     result["load_average_end"] = os.getloadavg()
     result["runs"] = [asdict(r) for rs in runs.values() for r in rs]
     result["summary"] = {v: summarize(rs, input_bytes) for v, rs in runs.items() if rs}
-    settings.results.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(settings, result["started_utc"])
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(result))
+    write_result(result_stem(settings, result["started_utc"]), result, render_markdown(result))
 
 
 CACHE_NOTES = {
@@ -660,11 +661,9 @@ CACHE_NOTES = {
 def render_markdown(result: dict) -> str:
     startup = result["summary"]["startup"].get("wall_s", 0.0)
     cache = result.get("cache", "as-found")
-    parts = [
-        f"# Merge benchmark: {result['size']}, {result['started_utc']}",
-        "",
-        machine_line(result),
-        "",
+    parts = page_top(
+        "Merge benchmark",
+        result,
         f"Inputs {result['input_bytes'] / GB:.2f} GB (three checkpoints), output "
         f"{result['output_bytes'] / GB:.2f} GB. Page cache: {CACHE_NOTES[cache]}. Median "
         f"(min–max) of {result['repeats']} alternating runs, each in a fresh process. Merge "
@@ -672,23 +671,15 @@ def render_markdown(result: dict) -> str:
         "disk: storage reads of the process tree (0 when the inputs were in the page cache). "
         "Main thread: share of samples running or waiting for a core (R), waiting for the "
         "disk (D) and waiting otherwise (S).",
-        "",
-        markdown_table(result["summary"], startup),
-        "",
-        f"Command: `{result['command']}`",
-    ]
+    )
+    parts += [markdown_table(result["summary"], startup), *command_line(result)]
     for name, setting in result.get("transfer_settings", {}).items():
         parts.append(
             f"- {label(name)}: `{' '.join(f'{k}={v}' for k, v in setting['env'].items())} "
             f"mergekit-yaml ... {' '.join([*result['mergekit_args'], *setting['mergekit_args']])}`"
         )
-    if "verification" in result:
-        parts += ["", "Elements that differ from float64 `target + (ft − sb)` rounded once:", ""]
-        for variant, entry in result["verification"].items():
-            parts.append(
-                f"- {label(variant)}: {entry['mismatched']} of {entry['elements']} "
-                f"(max |diff| {entry['max_abs_diff']:.3g})"
-            )
+    heading = "Elements that differ from float64 `target + (ft − sb)` rounded once:"
+    parts += verification_lines(result, label, heading)
     return "\n".join(parts) + "\n"
 
 

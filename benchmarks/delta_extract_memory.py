@@ -24,7 +24,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import make_checkpoints  # noqa: E402
-from bench_merge import DEFAULT_RESULTS, GB, machine_info, measure  # noqa: E402
+from bench_merge import measure  # noqa: E402
+from harness import DEFAULT_RESULTS, GB, machine_info, write_result  # noqa: E402
 
 SIZE = "llama3-8b-1layer"
 FORMATS = {
@@ -96,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "",
     ]
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"delta-extract-memory-{started[:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    write_result(args.results / f"delta-extract-memory-{started[:10]}", result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -26,7 +26,7 @@ import yaml
 from bench_merge import Inputs, task_arithmetic_config, transfer_config
 from harness import rounded_once
 
-from mergekit_ftt.tiny import build_tokenizer, tiny_config
+from mergekit_ftt.tiny import build_tokenizer, tiny_config, tiny_config_for
 
 REPO = Path(__file__).resolve().parents[1]
 # Llama 3.2 1B shapes (tied embeddings, 128256 vocabulary), or a tiny stand-in.
@@ -228,12 +228,7 @@ def evaluation(root: Path, log: Path, cpu_only: bool) -> dict:
         [f"the sum of {a} and {b} is {a + b}." for a in range(20) for b in range(20)],
         vocab_size=200,
     )
-    config = tiny_config(
-        "llama",
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_config_for(tokenizer, "llama")
     model = save_random_model(config, root / "eval-model", seed=0, tokenizer=tokenizer)
     tasks = root / "tasks"
     tasks.mkdir(exist_ok=True)

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: where results go, the machine line, the reference.
+"""What the benchmark scripts share: where results go and how they are written (the JSON
+record, the Markdown page and its common parts), the machine line, the reference.
 
 Every script in benchmarks/ imports from here (or from bench_merge.py, for the merge
 measurements), never from tests/.
@@ -6,8 +7,11 @@ measurements), never from tests/.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -48,6 +52,27 @@ def machine_info() -> dict:
     }
 
 
+def result_start(size: str, repeats: int, **fields) -> dict:
+    """A results record's first fields: the size, the start, the machine and its load, the
+    repeats and the command line; then ``fields``."""
+    return {
+        "size": size,
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average_start": os.getloadavg(),
+        "repeats": repeats,
+        "command": "python " + shlex.join(sys.argv),
+        **fields,
+    }
+
+
+def write_result(stem: Path, result: dict, page: str) -> None:
+    """``stem``.json, the record, and ``stem``.md, its page; the folder is made if missing."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(page)
+
+
 def machine_line(result: dict) -> str:
     """The results files' line on the machine, its load and the library versions."""
     machine = result["machine"]
@@ -81,3 +106,38 @@ def rates(elements: int, seconds: list[float]) -> dict:
     """Median, min and max of ``elements`` per second, in millions."""
     per_second = sorted(elements / s / 1e6 for s in seconds)
     return {"median": statistics.median(per_second), "min": per_second[0], "max": per_second[-1]}
+
+
+def page_top(title: str, result: dict, intro: str) -> list[str]:
+    """A results page's first lines: "# title: size, start", the machine line, ``intro``."""
+    return [f"# {title}: {result['size']}, {result['started_utc']}", "", machine_line(result), "", intro, ""]  # fmt: skip
+
+
+def variant_rows(summary: dict, label, cells, width: int) -> list[str]:
+    """A Markdown table row a variant: its label, then ``cells(variant, row)``; a variant
+    that did not run gets ``width`` dashes and its note."""
+    lines = []
+    for variant, row in summary.items():
+        if "wall_s" not in row:
+            lines.append(f"| {label(variant)} |" + " – |" * width + f" {row.get('note', '')} |")
+        else:
+            lines.append("| " + " | ".join([label(variant), *cells(variant, row)]) + " |")
+    return lines
+
+
+def verification_lines(result: dict, label, heading: str) -> list[str]:
+    """The page's list of elements that differ from the reference, where it was checked."""
+    if "verification" not in result:
+        return []
+    lines = ["", heading, ""]
+    for variant, entry in result["verification"].items():
+        lines.append(
+            f"- {label(variant)}: {entry['mismatched']:,} of {entry['elements']:,} "
+            f"({entry['mismatched'] / entry['elements']:.4%}; max |diff| {entry['max_abs_diff']:.3g})"
+        )
+    return lines
+
+
+def command_line(result: dict) -> list[str]:
+    """The page's last line: the command that made it."""
+    return ["", f"Command: `{result['command']}`"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import DEFAULT_RESULTS, machine_info, rates
+from harness import DEFAULT_RESULTS, command_line, machine_info, rates, write_result
 
 from mergekit_ftt.merge_methods import kernel
 
@@ -141,7 +140,7 @@ def render(result: dict) -> str:
             f"{cpu['median']:.0f} ({cpu['min']:.0f}–{cpu['max']:.0f}) | "
             f"{row['cores_used']:.2f} | {cpu['median'] / copy:.2f} |"
         )
-    lines += ["", f"Command: `{result['command']}`"]
+    lines += command_line(result)
     return "\n".join(lines) + "\n"
 
 
@@ -166,10 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     result["settings"] = measure(args.elements, args.rounds, args.threads)
     result["load_average_end"] = os.getloadavg()
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"kernel-{started:%Y-%m-%d-%H%M}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render(result))
+    write_result(args.results / f"kernel-{started:%Y-%m-%d-%H%M}", result, render(result))
     print(render(result))
 
 

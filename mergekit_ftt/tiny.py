@@ -96,6 +96,19 @@ def tiny_config(
     )
 
 
+def tiny_config_for(tokenizer, architecture: Architecture = "llama", **settings):
+    """``tiny_config`` with the vocabulary and the end and padding tokens of ``tokenizer``."""
+    return tiny_config(
+        architecture,
+        **{
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **settings,
+        },
+    )
+
+
 def save_random_model(
     config,
     path: str | Path,

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mergekit_ftt.reference import rounded
-from mergekit_ftt.tiny import build_tokenizer, save_random_model, tiny_config
+from mergekit_ftt.tiny import build_tokenizer, save_random_model, tiny_config_for
 
 # Subprocesses must never try the network; mergekit's model card asks the Hub about
 # anything that looks like a repo id.
@@ -71,12 +71,8 @@ class TinyFamily:
         path = self.root / name
         if not (path / "config.json").exists():
             tokenizer = self.extended_tokenizer if extra_vocab else self.tokenizer
-            config = tiny_config(
-                self.architecture,
-                vocab_size=len(tokenizer),
-                tie_word_embeddings=self.tie_word_embeddings,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+            config = tiny_config_for(
+                tokenizer, self.architecture, tie_word_embeddings=self.tie_word_embeddings
             )
             save_random_model(config, path, seed=seed, tokenizer=tokenizer, dtype=dtype)
         return path

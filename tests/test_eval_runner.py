@@ -26,56 +26,52 @@ pytestmark = pytest.mark.slow
 
 QUESTIONS = [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2)]
 
-TASK_YAML = """\
-task: tiny_sum
+# What the task and the group share: a one-word generated answer, scored by exact match.
+GENERATED_ANSWER = """\
 dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
 test_split: test
 output_type: generate_until
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{answer}}}}"
 target_delimiter: " "
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 8, do_sample: false}}
+filter_list:
+  - name: first-word
+    filter:
+      - {{function: regex, regex_pattern: "(\\\\S+)", group_select: 0}}
+      - {{function: take_first}}
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
+"""
+
+TASK_YAML = (
+    """\
+task: tiny_sum
+dataset_kwargs:
+  data_files:
+    test: {data}
 num_fewshot: 2
 fewshot_config:
   sampler: first_n
   samples:
     - {{question: "what is 1 plus 1?", answer: "2"}}
     - {{question: "what is 2 plus 3?", answer: "5"}}
-generation_kwargs: {{until: ["\\n"], max_gen_toks: 8, do_sample: false}}
-filter_list:
-  - name: first-word
-    filter:
-      - {{function: regex, regex_pattern: "(\\\\S+)", group_select: 0}}
-      - {{function: take_first}}
-metric_list:
-  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
 metadata: {{version: 1.0}}
 """
+    + GENERATED_ANSWER
+)
 
-MACRO_YAML = """\
+MACRO_YAML = (
+    """\
 group: tiny_macro
-dataset_path: json
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: " "
-generation_kwargs: {{until: ["\\n"], max_gen_toks: 8, do_sample: false}}
-filter_list:
-  - name: first-word
-    filter:
-      - {{function: regex, regex_pattern: "(\\\\S+)", group_select: 0}}
-      - {{function: take_first}}
-metric_list:
-  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
 task:
   - {{task: tiny_macro_a, dataset_kwargs: {{data_files: {{test: {a}}}}}}}
   - {{task: tiny_macro_b, dataset_kwargs: {{data_files: {{test: {b}}}}}}}
 aggregate_metric_list:
   - {{metric: exact_match, filter_list: first-word, aggregation: mean, weight_by_size: false}}
 """
+    + GENERATED_ANSWER
+)
 
 SUITE_YAML = """\
 group: tiny-chat
@@ -130,12 +126,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     corpus = [f"the sum of {a} and {b} is {a + b}." for a in range(20) for b in range(20)]
     tokenizer = tiny.build_tokenizer(corpus, vocab_size=200)
-    config = tiny.tiny_config(
-        "llama",
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny.tiny_config_for(tokenizer, "llama")
     model = tiny.save_random_model(config, root / "model", seed=0, tokenizer=tokenizer)
     truth = [str(a + b) for a, b in QUESTIONS]
     tasks = write_tasks(root / "tasks1", truth, truth)

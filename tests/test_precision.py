@@ -119,6 +119,14 @@ def differing(merged: dict, expected: dict) -> int:
     return sum(int((merged[name] != tensor).sum()) for name, tensor in expected.items())
 
 
+def assert_rounded_once(result, merged: dict, expected: dict, dtype: torch.dtype) -> None:
+    """``merged`` is ``expected`` in ``dtype``, and the merge said it rounded once to it."""
+    assert all(merged[name].dtype == dtype for name in expected)
+    assert differing(merged, expected) == 0
+    name = str(dtype).removeprefix("torch.")
+    assert f"Merging at float32 and rounding the result once to {name}" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def float32_pair(llama, tmp_path_factory):
     """A float32 source base and its fine-tune = base + 1e-3 × noise (the issue's case)."""
@@ -133,9 +141,7 @@ def test_float32_finetune_on_bf16_target_is_exact(llama, float32_pair, tmp_path)
     target = llama.model("target", 1)
     result, merged = merge(recipe(target, finetuned, source_base, dtype="bfloat16"), tmp_path)
     expected = exact_transfer(target, finetuned, source_base, torch.bfloat16)
-    assert all(merged[name].dtype == torch.bfloat16 for name in expected)
-    assert differing(merged, expected) == 0
-    assert "Merging at float32 and rounding the result once to bfloat16" in result.stderr
+    assert_rounded_once(result, merged, expected, torch.bfloat16)
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["dtype"] == "bfloat16"
     # What rounding the inputs to bf16 first (mergekit's load-time cast) would have given:
@@ -167,9 +173,7 @@ def test_bf16_finetune_on_fp16_target_is_exact(llama, tmp_path):
     finetuned = llama.model("ft_a", 3)
     result, merged = merge(recipe(fp16_target, finetuned, source_base, dtype="float16"), tmp_path)
     expected = exact_transfer(fp16_target, finetuned, source_base, torch.float16)
-    assert all(merged[name].dtype == torch.float16 for name in expected)
-    assert differing(merged, expected) == 0
-    assert "Merging at float32 and rounding the result once to float16" in result.stderr
+    assert_rounded_once(result, merged, expected, torch.float16)
 
 
 def test_olmo2_m5_plus_delta_m4_recipe_with_a_float32_finetune_is_exact(olmo2, tmp_path):

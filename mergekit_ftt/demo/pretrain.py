@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mergekit_ftt.demo.corpus import World, documents
@@ -22,7 +22,8 @@ from mergekit_ftt.demo.corpus import World, documents
 @dataclass(frozen=True)
 class ModelConfig:
     """A tiny OLMo 2 (the demo), or a tiny Llama with grouped-query attention
-    (``num_kv_heads`` < ``num_heads``) and tied embeddings (configs/llama.yaml)."""
+    (``num_kv_heads`` < ``num_heads``) and tied embeddings (configs/llama.yaml). The fields
+    are ``mergekit_ftt.tiny.tiny_config``'s arguments of the same names."""
 
     hidden_size: int
     num_layers: int
@@ -89,20 +90,9 @@ def build_model(model_config: ModelConfig, tokenizer, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergekit_ftt.tiny import tiny_config
+    from mergekit_ftt.tiny import tiny_config_for
 
-    config = tiny_config(
-        model_config.architecture,
-        vocab_size=len(tokenizer),
-        hidden_size=model_config.hidden_size,
-        num_layers=model_config.num_layers,
-        num_heads=model_config.num_heads,
-        num_kv_heads=model_config.num_kv_heads,
-        intermediate_size=model_config.intermediate_size,
-        tie_word_embeddings=model_config.tie_word_embeddings,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_config_for(tokenizer, **asdict(model_config))
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 

@@ -63,12 +63,7 @@ def make_smoke_inputs(
     write_jsonl(data, folder / "train.jsonl")
     corpus = [message["content"] for row in data for message in row["messages"]]
     tokenizer = tiny.build_tokenizer(corpus, vocab_size=320)
-    config = tiny.tiny_config(
-        architecture,
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny.tiny_config_for(tokenizer, architecture)
     base = tiny.save_random_model(config, folder / "base", seed=seed, tokenizer=tokenizer)
     target = AutoModelForCausalLM.from_pretrained(base)
     generator = torch.Generator().manual_seed(seed + 1)
