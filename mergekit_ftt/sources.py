@@ -27,6 +27,13 @@ from mergekit_ftt.errors import FttError
 
 log = logging.getLogger(__name__)
 
+# mergekit's order of preference (mergekit.io.lazy_tensor_loader.ShardedTensorIndex).
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 TRANSFORMERS_MODEL = ("config.json", "a transformers model")
 LORA_ADAPTER = ("adapter_config.json", "a PEFT LoRA adapter")
 
@@ -219,7 +226,7 @@ def _unreachable(
     snapshot = hub.cached_snapshot(name, revision)
     if cache_suffices and snapshot is not None:
         return None
-    if snapshot is not None and not _has_weights(snapshot):
+    if snapshot is not None and weights_file(snapshot) is None:
         snapshot = None  # only the config was fetched (by transformers, say)
     why = _why_unreachable(reason, error)
     at = _at(name, revision)
@@ -262,10 +269,9 @@ def _why_unreachable(reason: str, error: BaseException) -> str:
     return "HF_HUB_OFFLINE is set"
 
 
-def _has_weights(folder: str) -> bool:
-    from mergekit_ftt.preflight.checkpoints import WEIGHT_FILES
-
-    return any(os.path.exists(os.path.join(folder, weights)) for weights in WEIGHT_FILES)
+def weights_file(folder: str) -> str | None:
+    """The weight file mergekit would read in ``folder`` (its first of WEIGHT_FILES), or None."""
+    return next((f for f in WEIGHT_FILES if os.path.exists(os.path.join(folder, f))), None)
 
 
 def _looks_like_a_path(name: str) -> bool:

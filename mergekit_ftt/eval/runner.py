@@ -252,6 +252,8 @@ def _unknown_metrics(tasks: dict) -> list[tuple[str, str]]:
             continue
         if getattr(getattr(task, "config", None), "process_results", None) is not None:
             continue  # its own function scores every metric (ifeval): None is expected
+        # lm-eval 0.4 keeps the metric functions it resolved (None where it found none) only
+        # in this attribute; there is no public accessor, hence getattr with a default.
         functions = getattr(task, "_metric_fn_list", None) or {}
         found += [(str(name), metric) for metric, fn in functions.items() if fn is None]
     return found

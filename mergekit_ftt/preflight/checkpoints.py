@@ -19,17 +19,9 @@ from safetensors import SafetensorError, safe_open
 
 from mergekit_ftt import METHOD_NAME
 from mergekit_ftt.errors import FinetuningTransferError
+from mergekit_ftt.sources import WEIGHT_FILES, weights_file
 
 MAX_LISTED = 5
-
-
-# mergekit's order of preference (mergekit.io.lazy_tensor_loader.ShardedTensorIndex).
-WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
 
 
 # The dtypes of safetensors headers; a name not listed (a newer format) reads as None.
@@ -123,7 +115,7 @@ def _as_merged_with_adapter(
 
 
 def _shards(model: ModelReference, folder: str) -> list[str]:
-    found = next((f for f in WEIGHT_FILES if os.path.exists(os.path.join(folder, f))), None)
+    found = weights_file(folder)
     if found is None:
         raise FinetuningTransferError(
             f"{_described(model, folder)} has no weights: mergekit reads "
