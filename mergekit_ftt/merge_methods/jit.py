@@ -9,20 +9,21 @@ bfloat16 as ``uint16``, float16 as ``int16`` (numba has no float16 on the CPU). 
 array's dtype picks the decoder and encoder at compile time.
 
 Per element, one pass: decode every input to float64, compute ``t + Σ wᵢ(fᵢ − b)`` (a
-stored Δ is a term without ``b``), round once to the output format, and decide whether
-that float64 value is provably the exact sum, or at least rounds like it:
+stored Δ is a term without ``b``) and round it once to the output format, in one of three
+ways (:func:`transfer`):
 
-- ``exact_class`` (every weight a power of two, ±1 included): a product by a weight is
-  exact, and a sum of p-bit values whose exponents lie within ``gap`` of each other is
-  exact in float64's 53 bits (``gap = 53 − p − ⌈log₂ n⌉`` for n terms). Elements beyond
-  the gap are flagged.
-- otherwise: error-free transformations (TwoSum, and TwoProduct with an FMA) tell whether
-  every operation was exact; where one was not, the exact value lies within an a-priori
-  bound of the float64 one, and the element is flagged only if the two ends of that
-  interval round to different outputs.
+- every weight a power of two (±1 included): each product is exact, and TwoSum's error
+  terms prove every addition exact; an element where one was not is flagged;
+- one term with any other weight (:func:`_one_term`): the FMA rounds ``t + w·d`` once to
+  float64 and ErrFma gives its exact error, whose sign rounds the result to odd, so that
+  rounding it to the output equals rounding the exact value once;
+- several such terms: the float64 sum is bracketed by an a-priori error bound, and the
+  elements whose bracket straddles a rounding boundary are settled from their error terms
+  (:func:`_general`).
 
-Flagged elements are counted per block; the caller recomputes them exactly
-(:func:`flagged_in_block`, then Python fractions). On realistic weights none are flagged.
+Flagged elements (inputs with exponents too far apart) are returned to the caller, which
+recomputes them exactly (``kernel._recompute``, then Python fractions). On realistic
+weights none are flagged.
 """
 
 from __future__ import annotations
@@ -127,19 +128,6 @@ def _decode(value):
     if value in (types.float32, types.float64):
         return lambda value: np.float64(value)
     return None
-
-
-def precision(array):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(precision, inline="always")
-def _precision(array):
-    bits = {types.uint16: 8, types.int16: 11, types.float32: 24, types.float64: 53}
-    significant = bits.get(array.dtype)
-    if significant is None:
-        return None
-    return lambda array: significant
 
 
 # ---- rounding: float64 to the output format, once, to nearest, ties to even ------------
@@ -412,14 +400,3 @@ def _settle(total, residual, uncertain, out):
             larger = (residual > 0.0) == (total > 0.0)  # the magnitude grows
             total = _bits_f64(_f64_bits(total) + (np.int64(1) if larger else np.int64(-1)))
     return encode(out, total), False
-
-
-@njit(nogil=True, cache=True)
-def settle(indices, out, target, plus, base, use_base, weights):
-    """Recompute the elements at ``indices`` (flagged by the power-of-two kernel) the
-    general way; returns those still flagged, for an exact computation in Python."""
-    left = []
-    for i in indices:
-        for index in transfer(out, target, plus, base, use_base, weights, True, i, i + 1):
-            left.append(index)
-    return np.array(left, dtype=np.int64)
