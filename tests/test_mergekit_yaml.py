@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergekit_ftt.preflight import read_checkpoint
 
 
+@pytest.mark.slow
 def test_two_deltas_match_float64_reference_bit_for_bit(llama, tmp_path):
     target, base = llama.model("target", 1), llama.model("source_base", 2)
     ft_a, ft_b = llama.model("ft_a", 3), llama.model("ft_b", 4)
@@ -38,6 +39,7 @@ def test_two_deltas_match_float64_reference_bit_for_bit(llama, tmp_path):
     assert "[Fine-tuning Transfer](https://arxiv.org/abs/2503.20110)" in card
 
 
+@pytest.mark.slow
 def test_per_layer_weights_use_mergekit_gradients_and_filters(llama, tmp_path):
     target, base, ft = (
         llama.model("target", 1),
@@ -199,6 +201,7 @@ def lora_finetune(llama, tmp_path_factory):
     return base, adapter
 
 
+@pytest.mark.slow
 def test_lora_finetune_as_source_finetuned(lora_finetune, llama, tmp_path):
     """`model: BASE+ADAPTER` with --lora-merge-cache: the delta is scaling · B @ A."""
     base, adapter = lora_finetune
