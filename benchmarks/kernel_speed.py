@@ -2,9 +2,9 @@
 
 On tensors already in memory (bf16, the benchmark checkpoints' statistics), round after
 round in turn: ``out.copy_(target)`` of the same tensor (the memory floor), the fused
-kernel with weight 1 (the exactness check only) and with weight 0.7 (every element
-settled from its error terms), each on 1 and on ``--threads`` threads, and today's torch
-kernel on one thread. Every output is compared bit for bit with the torch kernel's
+kernel with weight 1 (float32, each operation checked exact; float64 for a chunk where one
+was not) and with weight 0.7 (float64 FMA and its exact error), each on 1 and on
+``--threads`` threads, and the torch kernel (the fallback) on one thread. Every output is compared bit for bit with the torch kernel's
 (weight 1, where float64 is exact on these inputs). Medians and ranges over the rounds of
 wall-clock and CPU throughput: CPU throughput is what the kernel costs; on a machine
 shared with other jobs, wall-clock throughput also counts waiting for a core.
@@ -72,6 +72,7 @@ def variants(target, source_base, finetuned, threads: int) -> dict:
         np.array([True]),
         np.array([1.0]),
         False,
+        True,  # bf16 inputs, weight 1: float32 first
     )
 
     def loop():

@@ -12,7 +12,7 @@ import torch
 from mergekit.merge_methods.api import merge_tensors
 
 from mergekit_ftt.delta.loader import StoredDelta
-from mergekit_ftt.merge_methods import kernel
+from mergekit_ftt.merge_methods import jit, kernel
 from mergekit_ftt.merge_methods.finetuning_transfer import FinetuningTransferError
 from mergekit_ftt.merge_methods.kernel import CHUNK_ELEMENTS, round_once
 from mergekit_ftt.reference import FORMATS, rounded
@@ -327,6 +327,41 @@ def test_kernel_is_exact_on_realistic_weights(dtype, weights):
     assert same_bits(got, exact_transfer(target, base, terms, weights, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weights", [[1.0], [2.0, -0.5]], ids=str)
+def test_float32_first_pass_is_exact_beside_a_chunk_it_cannot_do(dtype, weights):
+    """Narrow inputs and power-of-two weights are computed in float32 first. Three
+    chunks: one with ties to even, signed zeros and the output's subnormals, all exact in
+    float32; one with a single element whose exponents are too far apart for float32
+    (the chunk is taken in float64); one realistic."""
+    generator = torch.Generator().manual_seed(15)
+    count = 3 * jit.CHUNK
+    finetuned, base, noise = realistic(dtype, count, generator)
+    target = (base.double() + noise[2]).to(dtype)
+    terms = finetuned[: len(weights)]
+    tiny = 2.0**-130 if dtype == torch.bfloat16 else 2.0**-23
+    for i, (t, f, b) in enumerate(
+        [(1.0, 2.0**-7, 2.0**-8), (1.0, 3 * 2.0**-8, 2.0**-8), (-0.0, 0.5, 0.5), (tiny, tiny, 0.0)]
+    ):  # t + (f − b): a midpoint down to even, one up to even, −0 + 0, a subnormal
+        target[i], base[i] = t, b
+        for term in terms:
+            term[i] = f
+    gap = jit.CHUNK + 100
+    far = 2.0**-40 if dtype == torch.bfloat16 else 2.0**-24  # float16's smallest
+    target[gap], terms[0][gap], base[gap] = 1.0, 2.0**-8, -far
+    in_float32 = target.float() + sum(
+        w * (term.float() - base.float()) for w, term in zip(weights, terms, strict=True)
+    )
+    in_float64 = target.double() + sum(
+        w * (term.double() - base.double()) for w, term in zip(weights, terms, strict=True)
+    )
+    exact_in_float32 = in_float32.double() == in_float64
+    assert exact_in_float32[: jit.CHUNK].all() and exact_in_float32[2 * jit.CHUNK :].all()
+    assert not exact_in_float32[gap]  # the case the float64 pass is for
+    got = kernel.dense_transfer(target, base, terms, weights, dtype)
+    assert same_bits(got, exact_transfer(target, base, terms, weights, dtype))
+
+
 @pytest.mark.parametrize("output_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernel_follows_ieee_on_inf_and_nan(output_dtype):
     values = torch.tensor([math.inf, -math.inf, math.nan, 1.0, 0.0, -0.0, 2.0**-130])
@@ -371,6 +406,56 @@ def test_stored_delta_gives_the_three_model_transfer_bit_for_bit():
     rounded_only = kernel.dense_transfer(target, None, [StoredDelta(stored)], [1.0], torch.bfloat16)
     expected = rounded(target.double().numpy() + stored.double().numpy(), torch.bfloat16)
     assert torch.equal(rounded_only, expected)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.7])
+def test_stored_delta_corrections_that_float64_cannot_add(weight):
+    """A corrected element whose exact Δ (2^-8 + 2^-60, held in float64) added to 1.0
+    needs 61 bits: float64 rounds the sum onto a bf16 midpoint. Applied in place, it is
+    flagged and settled with fractions from the exact value, not the stored one."""
+    generator = torch.Generator().manual_seed(17)
+    (finetuned, _), base, noise = realistic(torch.bfloat16, 4096, generator)
+    target = (base.double() + noise[2]).bfloat16()
+    exact = finetuned.double() - base.double()
+    target[5], exact[5] = 1.0, 2.0**-8 + 2.0**-60
+    stored = exact.bfloat16()
+    differs = (stored.double() != exact).nonzero().squeeze(1)
+    in_float32 = differs[exact[differs].float().double() == exact[differs]]
+    in_float64 = differs[exact[differs].float().double() != exact[differs]]
+    assert 5 in in_float64.tolist() and in_float32.numel() > 100
+    delta = StoredDelta(
+        stored,
+        ((in_float32, exact[in_float32].float()), (in_float64, exact[in_float64])),
+    )
+    got = kernel.dense_transfer(target, None, [delta], [weight], torch.bfloat16)
+    expected = exact_transfer(target, torch.zeros(4096), [exact], [weight], torch.bfloat16)
+    assert same_bits(got, expected)
+    if weight == 1.0:
+        assert got[5].item() == 1.0 + 2.0**-7  # the float64 sum would round to 1.0
+
+
+def test_two_stored_deltas_with_overlapping_corrections():
+    """Elements corrected in both deltas, in one, or in neither: each recomputed once from
+    the exact values, as the transfer from the models gives them."""
+    generator = torch.Generator().manual_seed(16)
+    (finetuned_a, finetuned_b), base, noise = realistic(torch.bfloat16, 1 << 15, generator)
+    target = (base.double() + noise[2]).bfloat16()
+    stored = []
+    for finetuned in (finetuned_a, finetuned_b):
+        delta = finetuned.double() - base.double()
+        rounded_delta = delta.bfloat16()
+        differs = (rounded_delta.double() != delta).nonzero().squeeze(1)
+        stored.append(StoredDelta(rounded_delta, ((differs, delta[differs].float()),)))
+    both = np.intersect1d(*(s.corrections[0][0].numpy() for s in stored))
+    assert both.size > 10  # the overlap this test is about
+    weights = [1.0, -0.5]
+    from_models = kernel.dense_transfer(
+        target, base, [finetuned_a, finetuned_b], weights, torch.bfloat16
+    )
+    from_deltas = kernel.dense_transfer(target, None, stored, weights, torch.bfloat16)
+    assert torch.equal(from_deltas, from_models)
+    union = kernel._sorted_union([np.array([1, 3, 5]), np.array([2, 3, 9]), np.array([], int)])
+    assert union.tolist() == [1, 2, 3, 5, 9]
 
 
 def test_torch_kernel_agrees_where_float64_is_exact(monkeypatch):

@@ -8,12 +8,17 @@ Formats travel as NumPy arrays of their bits where NumPy or numba lack the type:
 bfloat16 as ``uint16``, float16 as ``int16`` (numba has no float16 on the CPU). The
 array's dtype picks the decoder and encoder at compile time.
 
-Per element, one pass: decode every input to float64, compute ``t + Σ wᵢ(fᵢ − b)`` (a
-stored Δ is a term without ``b``) and round it once to the output format, in one of three
-ways (:func:`transfer`):
+Per element, one pass: decode every input to float64 (or float32), compute
+``t + Σ wᵢ(fᵢ − b)`` (a stored Δ is a term without ``b``) and round it once to the output
+format, in one of four ways (:func:`transfer`):
 
-- every weight a power of two (±1 included): each product is exact, and TwoSum's error
-  terms prove every addition exact; an element where one was not is flagged;
+- every weight a power of two (±1 included) and every input bfloat16 or float16: first in
+  float32, twice as many elements per vector instruction, each operation checked exact
+  (:func:`_exact_sum32`); an exact float32 sum rounded to the output is the exact value
+  rounded once. A chunk with an element that was not exact in float32 (an exponent gap
+  of more than ~16 bits, or an inf or NaN) is computed again in float64;
+- every weight a power of two: each product is exact, and TwoSum's error terms prove
+  every addition exact; an element where one was not is flagged;
 - one term with any other weight (:func:`_one_term`): the FMA rounds ``t + w·d`` once to
   float64 and ErrFma gives its exact error, whose sign rounds the result to odd, so that
   rounding it to the output equals rounding the exact value once;
@@ -165,6 +170,59 @@ def _encode(out, value):
     return None
 
 
+def decode32(value):  # pragma: no cover - replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+@overload(decode32, inline="always")
+def _decode32(value):
+    """A bfloat16 or float16 element as float32 (exact); float32 as itself (float64 only
+    compiles: :func:`transfer` takes float32 for narrow inputs only)."""
+    if value == types.uint16:
+        return lambda value: _bits_f32(np.uint32(value) << np.uint32(16))
+    if value == types.int16:
+
+        def fp16(value):
+            bits = np.uint32(value) & np.uint32(0xFFFF)
+            sign = (bits & np.uint32(0x8000)) << np.uint32(16)
+            shifted = (bits & np.uint32(0x7FFF)) << np.uint32(13)
+            # As in decode: the fields read 2^112 too small; inf and NaN take exponent 255.
+            magnitude = np.float32(0.0)
+            if shifted >= np.uint32(0x0F800000):
+                magnitude = _bits_f32(shifted | np.uint32(0x7F800000))
+            else:
+                magnitude = _bits_f32(shifted) * np.float32(2.0**112)
+            return -magnitude if sign else magnitude
+
+        return fp16
+    if value in (types.float32, types.float64):
+        return lambda value: np.float32(value)
+    return None
+
+
+def encode32(out, value):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(encode32, inline="always")
+def _encode32(out, value):
+    """The output format's bits of finite float32 ``value`` rounded to nearest, ties to
+    even: one rounding, so the exact value's when ``value`` is exact."""
+    if out.dtype == types.uint16:
+
+        def bf16(out, value):
+            bits = _f32_bits(value)
+            rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            return np.uint16(rounded >> np.uint32(16))
+
+        return bf16
+    if out.dtype == types.int16:
+        return lambda out, value: np.int16(_float32_to_half(_f32_bits(value)))
+    if out.dtype == types.float32:
+        return lambda out, value: value
+    return None
+
+
 @njit(inline="always")
 def _round_to_odd(bits, dropped):
     """Drop the low ``dropped`` mantissa bits; set the lowest kept one if any was set."""
@@ -229,6 +287,40 @@ def _sum(i, target, plus, base, scales, weights):
         total, sum_error = _two_sum(total, weights[q] * d)
         errors |= _f64_bits(d_error) | _f64_bits(sum_error)
     return total, errors & np.int64(0x7FFFFFFFFFFFFFFF)  # −0.0 is no error
+
+
+@njit(inline="always")
+def _exact(a, b, total):
+    """Whether ``total = RN(a + b)`` is exact: then ``total − a`` and ``total − b`` are ``b``
+    and ``a``. When it is not, the difference with the larger operand is computed exactly
+    (the Fast2Sum lemma) and differs from the other operand; NaN compares unequal."""
+    return ((total - a) == b) & ((total - b) == a)
+
+
+@njit(inline="always")
+def _add32(total, f, b, scale, weight, inverse):
+    """(float32 ``total + weight·(f − b)``, or ``+ weight·f`` for ``scale`` 0, as
+    :func:`_minus_base`; whether every operation was exact). ``weight`` is a power of two
+    and ``inverse`` its reciprocal: the product was exact when it divides back to ``d``."""
+    minus = -b if scale != 0.0 else np.float32(0.0)
+    d = f + minus
+    product = weight * d
+    added = total + product
+    return added, _exact(f, minus, d) & (product * inverse == d) & _exact(total, product, added)
+
+
+@njit(inline="always")
+def _exact_sum32(i, target, plus, base, scales, weights, inverses):
+    """(float32 ``t + Σ wᵢ(fᵢ − b)``, whether every operation was exact), for bfloat16 or
+    float16 inputs and power-of-two weights."""
+    total = decode32(target[i])
+    b = decode32(base[i])
+    exact = True
+    for q in range(len(plus)):
+        f = decode32(plus[q][i])
+        total, exact_q = _add32(total, f, b, scales[q], weights[q], inverses[q])
+        exact &= exact_q
+    return total, exact
 
 
 @njit(inline="always")
@@ -319,16 +411,21 @@ def _general(i, target, plus, base, scales, weights, out):
 
 
 @njit(nogil=True, cache=True)
-def transfer(out, target, plus, base, use_base, weights, general, start, stop):
+def transfer(out, target, plus, base, use_base, weights, general, narrow, start, stop):
     """Fill ``out[start:stop]``; returns the indices of the flagged elements there.
 
     ``general`` False (every weight a power of two): an element is flagged unless every
-    float64 operation was exact. ``general`` True: with one term, :func:`_one_term`
+    float64 operation was exact; with ``narrow`` (bfloat16 or float16 inputs, weights
+    within float32's range) float32 is tried first, chunk by chunk, and a chunk is taken
+    in float64 only when an element was not exact in float32. ``general`` True: with one
+    term, :func:`_one_term`
     rounds every element exactly in one vectorised pass; with more, elements are
     bracketed, and those the bracket leaves open settled one by one (:func:`_settle`),
     which flags only those whose residual it cannot trust.
     """
     scales = np.where(use_base, -1.0, 0.0)
+    scales32, weights32 = scales.astype(np.float32), weights.astype(np.float32)
+    inverses32 = (1.0 / weights).astype(np.float32) if narrow else weights32
     marks = np.empty(CHUNK, dtype=np.uint8)
     flagged = []
     for first in range(np.uint64(start), np.uint64(stop), np.uint64(CHUNK)):
@@ -360,6 +457,24 @@ def transfer(out, target, plus, base, use_base, weights, general, start, stop):
                         if flag:
                             flagged.append(i)
             continue
+        if narrow:
+            exact = True
+            if len(plus) == 1:  # one term: its scalars in registers, not re-read per element
+                scale, weight, inverse = scales32[0], weights32[0], inverses32[0]
+                for i in range(first, last):
+                    t, f, b = decode32(target[i]), decode32(plus[0][i]), decode32(base[i])
+                    total32, exact32 = _add32(t, f, b, scale, weight, inverse)
+                    out[i] = encode32(out, total32)
+                    exact &= exact32
+            else:
+                for i in range(first, last):
+                    total32, exact32 = _exact_sum32(
+                        i, target, plus, base, scales32, weights32, inverses32
+                    )
+                    out[i] = encode32(out, total32)
+                    exact &= exact32
+            if exact:
+                continue
         inexact = np.int64(0)
         for i in range(first, last):
             total, errors = _sum(i, target, plus, base, scales, weights)
@@ -370,6 +485,30 @@ def transfer(out, target, plus, base, use_base, weights, general, start, stop):
                 total, errors = _sum(i, target, plus, base, scales, weights)
                 if errors and np.isfinite(total):
                     flagged.append(i)
+    return np.array(flagged, dtype=np.int64)
+
+
+@njit(nogil=True, cache=True)
+def corrected(out, target, index, exact, use_base, weights, general):
+    """``out[index[k]]`` = ``target + w·exact[k]`` rounded once, for a transfer whose one
+    term is a stored Δ that holds ``exact[k]`` apart (its stored element was rounded).
+    Gathers blocks of elements and runs :func:`transfer` on them; returns the flat
+    indices it flagged (rare: the caller settles them with fractions)."""
+    targets = np.empty(CHUNK, dtype=np.float64)
+    values = np.empty(CHUNK, dtype=np.float64)
+    block = np.empty(CHUNK, dtype=out.dtype)
+    flagged = []
+    for first in range(0, len(index), CHUNK):
+        count = min(CHUNK, len(index) - first)
+        for j in range(count):
+            targets[j] = decode(target[index[first + j]])
+            values[j] = exact[first + j]
+        for j in transfer(
+            block, targets, (values,), targets, use_base, weights, general, False, 0, count
+        ):
+            flagged.append(index[first + j])
+        for j in range(count):
+            out[index[first + j]] = block[j]
     return np.array(flagged, dtype=np.int64)
 
 
