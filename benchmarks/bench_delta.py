@@ -44,6 +44,7 @@ from bench_merge import (  # noqa: E402
     Run,
     measure,
     mergekit_command,
+    set_cache,
     startup_run,
     summarize,
     transfer_config,
@@ -142,6 +143,10 @@ def _numel(shape) -> int:
 def run_variant(variant: str, inputs: Inputs, workdir: Path, args, env, round_index) -> Run:
     output = workdir / f"out-{variant}"
     shutil.rmtree(output, ignore_errors=True)
+    if args.cache == "cold":  # every input and delta file, whichever the variant reads
+        folders = [inputs.target, inputs.source_finetuned, inputs.source_base]
+        folders += sorted(workdir.glob("delta-*"))
+        set_cache([f for folder in folders for f in folder.glob("*.safetensors")], "cold")
     if variant == "extract":
         command = extract_command(inputs, output, FORMATS["bf16_exact"])
     else:
@@ -196,7 +201,13 @@ def render(result: dict) -> str:
     lines = page_top(
         "Delta benchmark",
         result,
-        f"Median of {result['repeats']} alternating runs, each a fresh process. Merge work = "
+        f"Median of {result['repeats']} alternating runs, each a fresh process"
+        + (
+            ", inputs and deltas dropped from the page cache before each (posix_fadvise DONTNEED). "
+            if result.get("cache") == "cold"
+            else ". "
+        )
+        + "Merge work = "
         "wall − `mergekit-yaml --help`. Ratios are per round (side by side), then the median.",
     )
     lines += [
@@ -258,12 +269,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--verify", action="store_true")
     parser.add_argument("--mergekit-args", default="")
+    parser.add_argument(
+        "--cache",
+        choices=("cold", "as-is"),
+        default="as-is",
+        help="cold: drop every input and delta file from the page cache before each run",
+    )
     args = parser.parse_args(argv)
     args.mergekit_args = tuple(args.mergekit_args.split())
     inputs = Inputs.for_size(args.checkpoints, args.size)
     workdir = args.workdir or args.checkpoints / args.size / "bench-delta"
     env = dict(os.environ)
     result = result_start(args.size, args.repeats)
+    result["cache"] = args.cache
     variants = [v for v in args.variants.split(",") if v]
     result["deltas"] = prepare(inputs, workdir, env, variants)
     runs: dict[str, list[Run]] = {v: [] for v in variants}
