@@ -108,28 +108,8 @@ def decode(value):  # pragma: no cover - replaced by the overload in compiled co
 
 @overload(decode, inline="always")
 def _decode(value):
-    if value == types.uint16:  # bfloat16: the top half of a float32
-
-        def bf16(value):
-            return np.float64(_bits_f32(np.uint32(value) << np.uint32(16)))
-
-        return bf16
-    if value == types.int16:  # float16
-
-        def fp16(value):
-            bits = np.uint32(value) & np.uint32(0xFFFF)
-            sign = (bits & np.uint32(0x8000)) << np.uint32(16)
-            shifted = (bits & np.uint32(0x7FFF)) << np.uint32(13)
-            # A float16's fields, moved into a float32, read 2^112 too small (normal and
-            # subnormal alike); exponent 31 (inf, NaN) becomes float32's 255.
-            magnitude = 0.0
-            if shifted >= np.uint32(0x0F800000):
-                magnitude = np.float64(_bits_f32(shifted | np.uint32(0x7F800000)))
-            else:
-                magnitude = np.float64(_bits_f32(shifted)) * 2.0**112
-            return -magnitude if sign else magnitude
-
-        return fp16
+    if value in (types.uint16, types.int16):  # bfloat16, float16: exact in float32 already
+        return lambda value: np.float64(decode32(value))
     if value in (types.float32, types.float64):
         return lambda value: np.float64(value)
     return None
@@ -178,15 +158,17 @@ def decode32(value):  # pragma: no cover - replaced by the overload in compiled 
 def _decode32(value):
     """A bfloat16 or float16 element as float32 (exact); float32 as itself (float64 only
     compiles: :func:`transfer` takes float32 for narrow inputs only)."""
-    if value == types.uint16:
+    if value == types.uint16:  # bfloat16: the top half of a float32
         return lambda value: _bits_f32(np.uint32(value) << np.uint32(16))
-    if value == types.int16:
+    if value == types.int16:  # float16
 
         def fp16(value):
             bits = np.uint32(value) & np.uint32(0xFFFF)
             sign = (bits & np.uint32(0x8000)) << np.uint32(16)
             shifted = (bits & np.uint32(0x7FFF)) << np.uint32(13)
-            # As in decode: the fields read 2^112 too small; inf and NaN take exponent 255.
+            # A float16's fields, moved into a float32, read 2^112 too small (normal and
+            # subnormal alike, and the product is exact); exponent 31 (inf, NaN) becomes
+            # float32's 255.
             magnitude = np.float32(0.0)
             if shifted >= np.uint32(0x0F800000):
                 magnitude = _bits_f32(shifted | np.uint32(0x7F800000))
