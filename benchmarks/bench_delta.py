@@ -37,6 +37,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 from bench_merge import (  # noqa: E402
+    CACHE_NOTES,
     DEFAULT_CHECKPOINTS,
     DEFAULT_RESULTS,
     GB,
@@ -143,10 +144,8 @@ def _numel(shape) -> int:
 def run_variant(variant: str, inputs: Inputs, workdir: Path, args, env, round_index) -> Run:
     output = workdir / f"out-{variant}"
     shutil.rmtree(output, ignore_errors=True)
-    if args.cache == "cold":  # every input and delta file, whichever the variant reads
-        folders = [inputs.target, inputs.source_finetuned, inputs.source_base]
-        folders += sorted(workdir.glob("delta-*"))
-        set_cache([f for folder in folders for f in folder.glob("*.safetensors")], "cold")
+    # Every input and delta file, whichever the variant reads.
+    set_cache([*inputs.shards, *sorted(workdir.glob("delta-*/*.safetensors"))], args.cache)
     if variant == "extract":
         command = extract_command(inputs, output, FORMATS["bf16_exact"])
     else:
@@ -201,13 +200,8 @@ def render(result: dict) -> str:
     lines = page_top(
         "Delta benchmark",
         result,
-        f"Median of {result['repeats']} alternating runs, each a fresh process"
-        + (
-            ", inputs and deltas dropped from the page cache before each (posix_fadvise DONTNEED). "
-            if result.get("cache") == "cold"
-            else ". "
-        )
-        + "Merge work = "
+        f"Median of {result['repeats']} alternating runs, each a fresh process. Page cache "
+        f"(inputs and deltas): {CACHE_NOTES[result.get('cache', 'as-found')]}. Merge work = "
         "wall − `mergekit-yaml --help`. Ratios are per round (side by side), then the median.",
     )
     lines += [
@@ -271,9 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mergekit-args", default="")
     parser.add_argument(
         "--cache",
-        choices=("cold", "as-is"),
-        default="as-is",
-        help="cold: drop every input and delta file from the page cache before each run",
+        choices=sorted(CACHE_NOTES),
+        default="as-found",
+        help="page cache state of the inputs and deltas before each run (as bench_merge.py)",
     )
     args = parser.parse_args(argv)
     args.mergekit_args = tuple(args.mergekit_args.split())
