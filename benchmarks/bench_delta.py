@@ -13,7 +13,7 @@ Then, alternately in fresh processes (a b c d e, a b c d e, …):
 
 Each run: wall, CPU, peak RSS and anonymous RSS of the process tree (bench_merge.py's
 sampler). ``--verify`` compares, after the first round, each apply output with the
-three-model output element by element. Writes ``benchmarks/results/delta-<size>-<date>.{md,json}``.
+three-model output element by element. Writes ``benchmarks/results/delta-<size>-<date>-<HHMM>[-<label>].{md,json}``.
 
     python benchmarks/make_checkpoints.py 350m
     python benchmarks/bench_delta.py 350m --verify --mergekit-args '--out-shard-size 1B'
@@ -54,6 +54,7 @@ from harness import (  # noqa: E402
     command_line,
     page_top,
     result_start,
+    result_stem,
     variant_rows,
     verification_lines,
     write_result,
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--verify", action="store_true")
     parser.add_argument("--mergekit-args", default="")
+    parser.add_argument("--label", default="", help="appended to the result file names")
     parser.add_argument(
         "--cache",
         choices=sorted(CACHE_NOTES),
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     result["deltas"] = prepare(inputs, workdir, env, variants)
     runs: dict[str, list[Run]] = {v: [] for v in variants}
     startup: list[Run] = []
-    stem = args.results / f"delta-{args.size}-{result['started_utc'][:10]}"
+    stem = result_stem(args.results, f"delta-{args.size}", result["started_utc"], args.label)
     bench_settings = argparse.Namespace(workdir=workdir, env=env)
     for round_index in range(args.repeats):
         startup.append(startup_run(bench_settings, round_index))

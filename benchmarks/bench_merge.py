@@ -34,7 +34,6 @@ Writes ``benchmarks/results/<size>-<date>-<HHMM>[-<label>].{md,json}``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import resource
@@ -57,6 +56,7 @@ from harness import (
     command_line,
     page_top,
     result_start,
+    result_stem,
     rounded_once,
     variant_rows,
     verification_lines,
@@ -637,18 +637,16 @@ def run_benchmark(settings: Settings) -> dict:
     return result
 
 
-def result_stem(settings: Settings, started_utc: str) -> Path:
-    """``<results>/<size>-<date>-<HHMM>[-label]``: one file pair per benchmark run."""
-    stamp = dt.datetime.fromisoformat(started_utc).strftime("%Y-%m-%d-%H%M")
-    return settings.results / "-".join(filter(None, [settings.size, stamp, settings.label]))
-
-
 def _record(result: dict, runs: dict[str, list[Run]], input_bytes: int, settings: Settings) -> None:
     """Update ``result`` with the runs so far and write it as JSON and Markdown."""
     result["load_average_end"] = os.getloadavg()
     result["runs"] = [asdict(r) for rs in runs.values() for r in rs]
     result["summary"] = {v: summarize(rs, input_bytes) for v, rs in runs.items() if rs}
-    write_result(result_stem(settings, result["started_utc"]), result, render_markdown(result))
+    write_result(
+        result_stem(settings.results, settings.size, result["started_utc"], settings.label),
+        result,
+        render_markdown(result),
+    )
 
 
 CACHE_NOTES = {
@@ -775,7 +773,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     result = run_benchmark(settings)
     print(render_markdown(result))
-    print(f"wrote {result_stem(settings, result['started_utc'])}.md and .json")
+    print(
+        f"wrote {result_stem(settings.results, settings.size, result['started_utc'], settings.label)}.md and .json"
+    )
 
 
 if __name__ == "__main__":

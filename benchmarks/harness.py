@@ -66,6 +66,13 @@ def result_start(size: str, repeats: int, **fields) -> dict:
     }
 
 
+def result_stem(results: Path, name: str, started_utc: str, label: str = "") -> Path:
+    """``<results>/<name>-<date>-<HHMM>[-label]``: one file pair per benchmark run, so a
+    second run on the same day never overwrites the first."""
+    stamp = dt.datetime.fromisoformat(started_utc).strftime("%Y-%m-%d-%H%M")
+    return results / "-".join(filter(None, [name, stamp, label]))
+
+
 def write_result(stem: Path, result: dict, page: str) -> None:
     """``stem``.json, the record, and ``stem``.md, its page; the folder is made if missing."""
     stem.parent.mkdir(parents=True, exist_ok=True)
