@@ -1,10 +1,17 @@
 """The mergekit options a ``finetuning_transfer`` merge runs with when the user leaves them.
 
-Two of mergekit's defaults change for a transfer (docs/performance.md):
+Three of mergekit's defaults change for a transfer (docs/performance.md):
 
-- ``--out-shard-size 1B``: mergekit keeps a whole output shard in memory until it is full
-  (the option counts bytes), so its default of 5 GB shards held 5.5 GB at 8B shapes;
-  1 GB shards keep an 8B transfer under 3 GB;
+- ``--async-write`` with ``--out-shard-size 500M``: a full shard is written on mergekit's
+  writer thread while the next tensors merge, instead of stopping the merge. Side by side
+  at 8B shapes (20 of 32 layers, cold cache, 3 rounds, 2-core machine) the transfer took
+  37.4 s (36.6–37.8) with it against 47.7 s (43.2–49.2) without, the I/O floor 34.3 s
+  (benchmarks/results/llama3-8b-20layers-2026-12-04-1230-async-write.md): writing a shard
+  costs the main thread CPU (~7 s per 10 GB on that machine), which no longer waits. One
+  shard is written while the next fills, so shards of 500 MB hold what one 1 GB shard
+  held: 2.60 GB anonymous memory, against 2.46 GB. mergekit holds a whole output shard in
+  memory until it is written (the option counts bytes), so its default of 5 GB shards
+  held 5.5 GB at 8B shapes;
 - ``-j 2`` (at most the machine's cores): the fused kernel
   (:mod:`mergekit_ftt.merge_methods.kernel`) splits each tensor between torch's threads,
   with one join per tensor. Side by side at 1b shapes on the shared 2-core machine (load
@@ -12,10 +19,6 @@ Two of mergekit's defaults change for a transfer (docs/performance.md):
   (49.7–59.9) for ``-j 1`` (benchmarks/results/1b-2026-12-04-0451-kernel.md). The old
   torch kernel had been 4× to 60× slower with two threads under load: each of its ~10
   elementwise ops ended in an OpenMP barrier that waited for a descheduled thread.
-
-``--async-write`` (a shard written on a thread while the next tensors merge) stays off: side
-by side at 1b shapes it changed nothing (23.6 s with it, 23.5 s without, cold cache, with
-the torch kernel), and it holds one more shard in memory.
 
 Only options that the command line left at mergekit's defaults change (click records
 where each value came from); ``run_merge`` called from Python keeps the ``MergeOptions``
@@ -38,7 +41,11 @@ from mergekit_ftt import METHOD_NAME
 
 LOG = logging.getLogger(__name__)
 
-TRANSFER_DEFAULTS = {"out_shard_size": parse_kmb("1B"), "num_threads": min(2, os.cpu_count() or 1)}
+TRANSFER_DEFAULTS = {
+    "async_write": True,
+    "out_shard_size": parse_kmb("500M"),
+    "num_threads": min(2, os.cpu_count() or 1),
+}
 
 
 def transfer_options(config: MergeConfiguration, options: MergeOptions) -> MergeOptions:

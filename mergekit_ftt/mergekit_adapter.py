@@ -12,8 +12,10 @@ after they are imported (the start-up hook, :mod:`mergekit_ftt.hook`, calls
   ``finetuning_transfer`` recipe it checks the inputs before anything is loaded
   (:mod:`mergekit_ftt.preflight`), fills in the transfer's defaults for options the user
   left (:mod:`mergekit_ftt.merge_options`), writes into a staging folder that becomes the
-  output only once complete (:mod:`mergekit_ftt.outputs`), and adds the side files (model
-  card, generation config). Every other merge passes through with its arguments
+  output only once complete (:mod:`mergekit_ftt.outputs`), bounds the shards that
+  ``--async-write`` holds in memory (``mergekit.io.tensor_writer``'s queue, for the run's
+  duration: :func:`_bounded_writes`), and adds the side files (model card, generation
+  config). Every other merge passes through with its arguments
   untouched; the one thing it is refused is a delta folder as input, which only this
   plugin's loader can read.
 
@@ -158,10 +160,45 @@ def _write_staged(run_merge_into, config: MergeConfiguration, out_path: str, opt
     becomes ``out_path`` once complete, with the transfer's side files."""
     from mergekit_ftt.outputs import StagedOutput, finish_output
 
-    with StagedOutput(out_path) as staging:
+    with StagedOutput(out_path) as staging, _bounded_writes():
         result = run_merge_into(str(staging))
         finish_output(config, str(staging), options, name=Path(out_path).name)
     return result
+
+
+@contextlib.contextmanager
+def _bounded_writes() -> Iterator[None]:
+    """While a transfer runs, ``--async-write`` keeps at most ``--write-threads`` shards
+    in flight: before handing a full shard to its writer threads, mergekit's writer waits
+    for the oldest write beyond that.
+
+    mergekit queues every full shard without a bound. A disk slower than the merge (a
+    warm page cache, a network file system) would then hold most of the model in memory,
+    and a failed write (a full disk) would only be raised at the end, after every
+    remaining shard had been merged and queued. Waiting here keeps memory to the writing
+    shards and the one filling, and raises a failed write's error at the next shard.
+    """
+    from mergekit.io.tensor_writer import TensorWriter
+
+    flush = TensorWriter._flush_current_shard
+
+    def flush_when_a_writer_is_free(self) -> None:
+        if self.use_async and self.current_shard:
+            pending = [future for future in self._write_futures if not future.done()]
+            # (ThreadPoolExecutor keeps its thread count in _max_workers; the writer
+            # does not keep write_threads itself.)
+            for future in pending[: max(0, len(pending) - self._executor._max_workers + 1)]:
+                future.exception()  # waits for it to finish
+            for future in self._write_futures:
+                if future.done():
+                    future.result()  # a failed write's error, now
+        flush(self)
+
+    TensorWriter._flush_current_shard = flush_when_a_writer_is_free
+    try:
+        yield
+    finally:
+        TensorWriter._flush_current_shard = flush
 
 
 def _restore_run_merge() -> None:

@@ -109,3 +109,28 @@ def test_an_output_folder_with_files_is_not_written_into(models, tmp_path):
     assert "Traceback" not in result.stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert not staging_of(out).exists()
+
+
+def test_a_failed_async_write_stops_the_merge_at_the_next_shard(models, tmp_path, monkeypatch):
+    """mergekit queues every full shard on its writer thread and raises a failed write at
+    the end; the adapter waits for the previous write before the next shard, so a full disk
+    stops the merge after one shard, and no queue of shards builds up in memory."""
+    import safetensors.torch
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    target, base, ft = models
+    attempts = []
+
+    def full_disk(tensors, filename, metadata=None):
+        attempts.append(filename)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    config = MergeConfiguration.model_validate(transfer_recipe(target, [(ft, 1.0)], base))
+    options = MergeOptions(async_write=True, out_shard_size=1)  # one tensor per shard
+    with pytest.raises(OSError, match="No space left on device"):
+        run_merge(config, str(tmp_path / "out"), options)
+    assert len(attempts) == 1
+    assert not (tmp_path / "out").exists() and not staging_of(tmp_path / "out").exists()
