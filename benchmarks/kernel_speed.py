@@ -29,6 +29,7 @@ import torch
 from harness import DEFAULT_RESULTS, command_line, machine_info, rates, write_result
 
 from mergekit_ftt.merge_methods import kernel
+from mergekit_ftt.merge_methods.cpu import as_bits, compiled
 
 
 def inputs(elements: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,11 +65,11 @@ def variants(target, source_base, finetuned, threads: int) -> dict:
     # The compiled loop alone, into an output reused round after round: the difference to
     # the row above it is the fresh output's allocation and first touch.
     loop_out = torch.empty_like(target)
-    jit = kernel._jit()
+    jit = compiled()
     loop_arrays = (
-        *(kernel._bits(t) for t in (loop_out, target)),
-        (kernel._bits(finetuned),),
-        kernel._bits(source_base),
+        *(as_bits(t) for t in (loop_out, target)),
+        (as_bits(finetuned),),
+        as_bits(source_base),
         np.array([True]),
         np.array([1.0]),
         False,

@@ -307,6 +307,21 @@ def test_dare_delta_keeps_a_fraction_and_rescales(models, tmp_path):
     np.testing.assert_allclose(decoded[kept], exact[name][kept] * ratio, rtol=2**-8)
 
 
+# --- the compiled decoder ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [("--compress", "sign"), ("--compress", "magnitude", "--density", "0.3")]
+)
+def test_decoded_deltas_are_the_same_with_and_without_numba(models, tmp_path, options):
+    from mergekit_ftt.delta.format import DeltaFolder
+
+    folder = DeltaFolder(extract(tmp_path / "delta", models["ft"], models["base"], *options))
+    for name in folder.tensor_names:
+        compiled, fallback = decode(folder, name), decode(folder, name, jit=False)
+        assert torch.equal(compiled.view(torch.int16), fallback.view(torch.int16)), name
+
+
 # --- the shipped recipes ---------------------------------------------------------------
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

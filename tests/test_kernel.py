@@ -464,7 +464,7 @@ def test_torch_kernel_agrees_where_float64_is_exact(monkeypatch):
     (finetuned, _), base, noise = realistic(torch.bfloat16, 1 << 18, generator)
     target = (base.double() + noise[2]).bfloat16()
     fused = kernel.dense_transfer(target, base, [finetuned], [1.0], torch.bfloat16)
-    monkeypatch.setattr(kernel, "_jit", lambda: None)
+    monkeypatch.setattr(kernel, "compiled", lambda: None)
     fallback = kernel.dense_transfer(target, base, [finetuned], [1.0], torch.bfloat16)
     assert torch.equal(fused, fallback)
 

@@ -3,7 +3,8 @@
 An encoder takes the exact Δ of one tensor in blocks of whole rows (float64, as
 ``finetuning_transfer`` computes ``ft − base``) and returns the components to store
 (:mod:`mergekit_ftt.delta.format` lists them) with the reconstruction error it causes.
-:func:`decode` turns the components back into a dense tensor, block by block.
+:func:`decode` turns the components back into a dense tensor (one compiled pass; torch
+blocks without numba).
 
 - ``dense``: Δ rounded to the stored dtype. ``exact`` adds the elements the rounding
   changed, with their exact values (float32, or float64 where float32 also rounds), so
@@ -38,6 +39,7 @@ from mergekit_ftt.delta.format import (
     DeltaFolder,
     Encoding,
 )
+from mergekit_ftt.errors import DeltaError
 
 # Rows per work block: whole rows, at most this many elements (at least 8 rows). Bounds the
 # float64 scratch of a block (Δ, its decoded copy, masks) to ~100 MiB whatever the tensor
@@ -240,40 +242,70 @@ def encoder_for(shape: tuple[int, ...], encoding: Encoding) -> Encoder:
     return DenseEncoder(shape, encoding)
 
 
-def decode(folder: DeltaFolder, name: str) -> torch.Tensor:
+def decode(folder: DeltaFolder, name: str, jit: bool = True) -> torch.Tensor:
     """Δ of ``name`` as stored (dense: the memory-mapped tensor itself), full rows in place;
-    exact corrections are left to the caller (:meth:`DeltaFolder.corrections`)."""
+    exact corrections are left to the caller (:meth:`DeltaFolder.corrections`).
+
+    The sign and sparse forms are unpacked in one compiled pass into a buffer on huge
+    pages (:func:`mergekit_ftt.merge_methods.jit.unpack_signs`, ``unpack_sparse``); ``jit``
+    False, or numba missing, takes torch, block by block (the same bits)."""
     info = folder.info(name)
     components = info.components
     if DENSE in components:
         return folder.component(name, DENSE)
+    # Imported here: importing the method package registers the method with mergekit,
+    # which imports the delta loader, which imports this module.
+    from mergekit_ftt.merge_methods.cpu import as_bits, compiled, empty_on_huge_pages
+
     dtype = getattr(torch, folder.config.encoding.dtype)
     shape = tuple(info.shape)
     rows = shape[0]
     row_elements = math.prod(shape[1:])
-    out = torch.empty((rows, row_elements), dtype=dtype)
+    out = empty_on_huge_pages((rows, row_elements), dtype)
+    unpack = compiled() if jit else None
     step = rows_per_block(row_elements, folder.config.encoding.block_elements or BLOCK_ELEMENTS)
     if MASK in components:
         mask, values = folder.component(name, MASK), folder.component(name, VALUES)
-        taken = 0
-        for start in range(0, rows, step):
-            block = out[start : start + step]
-            bits = _block_bits(mask, start, block.numel(), row_elements).view(block.shape)
-            block.zero_()
-            count = int(bits.sum())
-            block[bits] = values[taken : taken + count]
-            taken += count
+        if unpack is None:
+            _unpack_sparse_blocks(out, mask, values, step, row_elements)
+        elif unpack.unpack_sparse(as_bits(out), mask.numpy(), as_bits(values)) != values.numel():
+            raise DeltaError(
+                f"{folder.path}: {name}{MASK} and {name}{VALUES} disagree on how many values "
+                "are kept: the files are damaged. Extract the delta again or copy the folder "
+                "again."
+            )
     else:
         signs, scale = folder.component(name, SIGN), folder.component(name, SCALE)
-        for start in range(0, rows, step):
-            block = out[start : start + step]
-            bits = _block_bits(signs, start, block.numel(), row_elements).view(block.shape)
-            block_scale = scale[start : start + block.shape[0]] if scale.numel() > 1 else scale
-            magnitude = block_scale.to(dtype).reshape(-1, 1).expand(block.shape)
-            torch.where(bits, magnitude, -magnitude, out=block)
+        if unpack is None:
+            _unpack_sign_blocks(out, signs, scale, step, row_elements)
+        else:
+            magnitude = scale.to(dtype)
+            unpack.unpack_signs(
+                as_bits(out), signs.numpy(), as_bits(magnitude), as_bits(-magnitude), row_elements
+            )
     if FULL_ROWS in components:
         out[info.full_rows] = folder.component(name, FULL_ROWS).reshape(-1, row_elements).to(dtype)
     return out.view(shape)
+
+
+def _unpack_sparse_blocks(out, mask, values, step: int, row_elements: int) -> None:
+    taken = 0
+    for start in range(0, out.shape[0], step):
+        block = out[start : start + step]
+        bits = _block_bits(mask, start, block.numel(), row_elements).view(block.shape)
+        block.zero_()
+        count = int(bits.sum())
+        block[bits] = values[taken : taken + count]
+        taken += count
+
+
+def _unpack_sign_blocks(out, signs, scale, step: int, row_elements: int) -> None:
+    for start in range(0, out.shape[0], step):
+        block = out[start : start + step]
+        bits = _block_bits(signs, start, block.numel(), row_elements).view(block.shape)
+        block_scale = scale[start : start + block.shape[0]] if scale.numel() > 1 else scale
+        magnitude = block_scale.to(out.dtype).reshape(-1, 1).expand(block.shape)
+        torch.where(bits, magnitude, -magnitude, out=block)
 
 
 def _block_bits(packed: torch.Tensor, start_row: int, count: int, row_elements: int):

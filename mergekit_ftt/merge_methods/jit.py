@@ -1,4 +1,5 @@
-"""The numba half of the fused transfer kernel (:mod:`mergekit_ftt.merge_methods.kernel`).
+"""The numba half of the fused transfer kernel (:mod:`mergekit_ftt.merge_methods.kernel`),
+and of the delta decoder (:func:`unpack_signs`, :func:`unpack_sparse`).
 
 Imported only when a CPU transfer runs: numba costs ~0.4 s to import, which neither the
 start-up hook nor a merge with another method should pay. Every function is compiled
@@ -521,3 +522,61 @@ def _settle(total, residual, uncertain, out):
             larger = (residual > 0.0) == (total > 0.0)  # the magnitude grows
             total = _bits_f64(_f64_bits(total) + (np.int64(1) if larger else np.int64(-1)))
     return encode(out, total), False
+
+
+# ---- decoding a stored Δ: the sign and sparse forms, one pass ---------------------------
+# Bits are packed in flat order, least significant first (delta.encode.pack_bits); the
+# arrays hold the stored dtype's bits (as_bits), copied, never converted.
+
+
+@njit(nogil=True, cache=True)
+def unpack_signs(out, packed, positive, negative, row_elements):
+    """``out[i]`` = its row's ``positive`` where bit ``i`` of ``packed`` is set, else its
+    ``negative`` (one value for every row where they hold one)."""
+    per_row = len(positive) > 1
+    for row in range(np.uint64(len(out) // row_elements)):
+        which = row if per_row else np.uint64(0)
+        plus, minus = positive[which], negative[which]
+        first = row * np.uint64(row_elements)
+        for i in range(first, first + np.uint64(row_elements)):
+            bit = (packed[i >> np.uint64(3)] >> (i & np.uint64(7))) & np.uint8(1)
+            out[i] = plus if bit else minus
+
+
+def _set_bits() -> tuple[np.ndarray, np.ndarray]:
+    """(how many bits each byte value has set, their positions, lowest first)."""
+    counts = np.zeros(256, dtype=np.uint8)
+    positions = np.zeros((256, 8), dtype=np.uint8)
+    for byte in range(256):
+        where = [bit for bit in range(8) if byte >> bit & 1]
+        counts[byte] = len(where)
+        positions[byte, : len(where)] = where
+    return counts, positions
+
+
+_SET_BIT_COUNTS, _SET_BIT_POSITIONS = _set_bits()
+
+
+@njit(nogil=True, cache=True)
+def unpack_sparse(out, packed, values):
+    """``out[i]`` = the next of ``values`` where bit ``i`` of ``packed`` is set, else 0.
+    Returns how many values the mask asks for; when that is not ``len(values)`` (a damaged
+    file), ``out`` is incomplete and the caller raises. A byte's set bits come from a
+    table: a branch per element would be mispredicted at every density but the extremes."""
+    out[:] = 0
+    wanted = np.uint64(0)
+    available = np.uint64(len(values))
+    for index in range(np.uint64(len(packed))):
+        byte = packed[index]
+        count = np.uint64(_SET_BIT_COUNTS[byte])
+        first = index << np.uint64(3)
+        if wanted + count <= available and first + np.uint64(8) <= np.uint64(len(out)):
+            for k in range(count):
+                out[first + np.uint64(_SET_BIT_POSITIONS[byte, k])] = values[wanted + k]
+        elif wanted + count <= available:  # the last, partial byte
+            for k in range(count):
+                position = first + np.uint64(_SET_BIT_POSITIONS[byte, k])
+                if position < np.uint64(len(out)):
+                    out[position] = values[wanted + k]
+        wanted += count
+    return wanted

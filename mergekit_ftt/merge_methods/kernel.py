@@ -20,10 +20,8 @@ Two implementations:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from mergekit_ftt.delta.loader import StoredDelta
+from mergekit_ftt.merge_methods.cpu import as_bits, compiled, empty_on_huge_pages
 
 # Elements per float64 work chunk of the torch kernel on the CPU: the three scratch
 # buffers (1 MiB each) stay in the cache through the ~10 passes over a chunk.
@@ -48,8 +47,6 @@ FORMATS = {
     torch.float16: (11, -14, float(torch.finfo(torch.float16).max)),
     torch.float32: (24, -126, float(torch.finfo(torch.float32).max)),
 }
-# How the fused kernel receives each dtype (numba has no bfloat16 or float16): the bits.
-_AS_NUMPY = {torch.bfloat16: torch.uint16, torch.float16: torch.int16, torch.float32: None}
 # Inputs whose differences and sums are nearly always exact in float32 (8 or 11 bits).
 _NARROW = (torch.bfloat16, torch.float16)
 
@@ -72,7 +69,7 @@ def dense_transfer(
         jit
         and output_dtype in FORMATS
         and all(t.device.type == "cpu" and t.dtype in FORMATS for t in tensors)
-        and _jit() is not None
+        and compiled() is not None
     )
     transfer = _fused_transfer if fused else _torch_transfer
     out = transfer(target, source_base, terms, weights, output_dtype)
@@ -80,33 +77,17 @@ def dense_transfer(
     return out
 
 
-@functools.cache
-def _jit():
-    """The compiled half, imported on first use; None where numba is not installed."""
-    try:
-        from mergekit_ftt.merge_methods import jit
-    except ImportError:
-        return None
-    return jit
-
-
-def _bits(tensor: torch.Tensor) -> np.ndarray:
-    flat = tensor.reshape(-1)
-    as_bits = _AS_NUMPY[flat.dtype]
-    return (flat.view(as_bits) if as_bits else flat).numpy()
-
-
 def _fused_transfer(target, source_base, terms, weights, output_dtype) -> torch.Tensor:
-    jit = _jit()
-    out = _empty_on_huge_pages(target.shape, output_dtype)
+    jit = compiled()
+    out = empty_on_huge_pages(target.shape, output_dtype)
     plus = [t.tensor if isinstance(t, StoredDelta) else t for t in terms]
     if len({t.dtype for t in plus}) > 1:  # one array type for all terms; widening is exact
         plus = [t.to(torch.float32) for t in plus]
     arrays = (
-        _bits(out),
-        _bits(target),
-        tuple(_bits(t) for t in plus),
-        _bits(source_base if source_base is not None else target),
+        as_bits(out),
+        as_bits(target),
+        tuple(as_bits(t) for t in plus),
+        as_bits(source_base if source_base is not None else target),
         np.array([not isinstance(t, StoredDelta) for t in terms]),
         np.array(weights, dtype=np.float64),
         not all(_power_of_two(w) for w in weights),
@@ -122,41 +103,6 @@ def _fused_transfer(target, source_base, terms, weights, output_dtype) -> torch.
         flagged += _corrected_elements(terms)
     _recompute(jit, _sorted_union(flagged), arrays, target, source_base, terms, out)
     return out
-
-
-# Linux's madvise advice for transparent huge pages, and the huge page size on x86/arm64.
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 1 << 21
-
-
-def _empty_on_huge_pages(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty``, asking Linux to back it with 2 MiB pages (where the system leaves
-    transparent huge pages to ``madvise``, the usual default). A fresh output is touched
-    first by the kernel: with 4 KiB pages each first touch is a page fault, ~1 ns per bf16
-    element, as long as the kernel's own work; 2 MiB pages take 512× fewer
-    (docs/performance.md)."""
-    out = torch.empty(shape, dtype=dtype)
-    nbytes = out.numel() * out.element_size()
-    libc = _libc()
-    if libc is not None and nbytes >= 2 * _HUGE_PAGE:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-    return out
-
-
-@functools.cache
-def _libc():
-    """The C library where it has ``madvise`` (Linux), else None; advice is best effort."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    except (OSError, AttributeError):
-        return None
-    return libc
 
 
 def _power_of_two(weight: float, limit: int = 900) -> bool:
@@ -231,7 +177,7 @@ def _recompute(jit, where: np.ndarray, arrays: tuple, target, source_base, terms
     gathered_base = base.reshape(-1)[index].to(torch.float64)
     gathered_out = torch.empty(where.size, dtype=out.dtype)
     inputs = (
-        _bits(gathered_out),
+        as_bits(gathered_out),
         gathered_target.numpy(),
         tuple(t.numpy() for t in gathered_terms),
         gathered_base.numpy(),
