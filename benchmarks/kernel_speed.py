@@ -4,8 +4,11 @@ On tensors already in memory (bf16, the benchmark checkpoints' statistics), roun
 round in turn: ``out.copy_(target)`` of the same tensor (the memory floor), the fused
 kernel with weight 1 (float32, each operation checked exact; float64 for a chunk where one
 was not) and with weight 0.7 (float64 FMA and its exact error), each on 1 and on
-``--threads`` threads, and the torch kernel (the fallback) on one thread. Every output is compared bit for bit with the torch kernel's
-(weight 1, where float64 is exact on these inputs). Medians and ranges over the rounds of
+``--threads`` threads, the compiled loop alone into a reused output, the memory ceiling of
+its access pattern (a compiled loop reading three bf16 arrays and writing one, with one
+XOR per element: what the loop would reach with free arithmetic), and the torch kernel
+(the fallback) on one thread. Every transfer output is compared bit for bit with the
+torch kernel's (weight 1, where float64 is exact on these inputs). Medians and ranges over the rounds of
 wall-clock and CPU throughput: CPU throughput is what the kernel costs; on a machine
 shared with other jobs, wall-clock throughput also counts waiting for a core.
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from harness import DEFAULT_RESULTS, command_line, machine_info, rates, write_result
+from numba import njit
 
 from mergekit_ftt.merge_methods import kernel
 from mergekit_ftt.merge_methods.cpu import as_bits, compiled
@@ -46,6 +50,14 @@ def timed(work) -> tuple[tuple[float, float], object]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = work()
     return (time.perf_counter() - wall, time.process_time() - cpu), result
+
+
+@njit(nogil=True, cache=True)
+def _three_reads_one_write(out, a, b, c):
+    """The fused loop's memory traffic without its arithmetic (unsigned indices, as in
+    ``jit.transfer``, so that numba vectorises the loop)."""
+    for i in range(np.uint64(len(out))):
+        out[i] = a[i] ^ b[i] ^ c[i]
 
 
 def variants(target, source_base, finetuned, threads: int) -> dict:
@@ -80,11 +92,15 @@ def variants(target, source_base, finetuned, threads: int) -> dict:
         jit.transfer(*loop_arrays, 0, target.numel())
         return loop_out
 
+    def ceiling():
+        _three_reads_one_write(*(as_bits(t) for t in (loop_out, target, finetuned, source_base)))
+
     table = {"bf16 copy, 1 thread": (1, lambda: copy_out.copy_(target))}
     for count in sorted({1, threads}):
         table[f"fused, weight 1, {count} thread(s)"] = (count, fused(1.0))
         table[f"fused, weight 0.7, {count} thread(s)"] = (count, fused(0.7))
     table["fused loop alone, output reused, weight 1, 1 thread"] = (1, loop)
+    table["memory ceiling: 3 reads, 1 write, no arithmetic, 1 thread"] = (1, ceiling)
     table["torch kernel (fallback), weight 1, 1 thread"] = (1, torch_kernel)
     return table
 
