@@ -1,17 +1,19 @@
 """The mergekit options a ``finetuning_transfer`` merge runs with when the user leaves them.
 
-Three of mergekit's defaults change for a transfer (docs/performance.md):
+Four of mergekit's defaults change for a transfer (docs/performance.md):
 
-- ``--async-write`` with ``--out-shard-size 500M``: a full shard is written on mergekit's
-  writer thread while the next tensors merge, instead of stopping the merge. Side by side
-  at 8B shapes (20 of 32 layers, cold cache, 3 rounds, 2-core machine) the transfer took
-  37.4 s (36.6–37.8) with it against 47.7 s (43.2–49.2) without, the I/O floor 34.3 s
-  (benchmarks/results/llama3-8b-20layers-2026-12-04-1230-async-write.md): writing a shard
-  costs the main thread CPU (~7 s per 10 GB on that machine), which no longer waits. One
-  shard is written while the next fills, so shards of 500 MB hold what one 1 GB shard
-  held: 2.60 GB anonymous memory, against 2.46 GB. mergekit holds a whole output shard in
-  memory until it is written (the option counts bytes), so its default of 5 GB shards
-  held 5.5 GB at 8B shapes;
+- ``--async-write --write-threads 2 --out-shard-size 250M``: full shards are written on two
+  of mergekit's writer threads while the next tensors merge, instead of stopping the
+  merge. Side by side at 8B shapes (20 of 32 layers, cold cache, 3 rounds, 2-core
+  machine): 39.9 s (39.3–40.6), against 42.0 s (33.8–43.0) with one writer and 500 MB
+  shards and 43.2 s (42.4–44.1) writing synchronously with 1 GB shards (the previous
+  default); the I/O floor 36.3 s
+  (benchmarks/results/llama3-8b-20layers-2026-12-04-1341-writers.md). mergekit holds a
+  whole output shard in memory until it is written (the option counts bytes; its default
+  of 5 GB shards held 5.5 GB at 8B shapes), and the adapter lets at most ``write_threads``
+  shards be in flight (:func:`mergekit_ftt.mergekit_adapter._bounded_writes`): two shards
+  writing and one filling hold 750 MB, as one 1 GB shard did (2.46 GB anonymous memory
+  in all, both ways);
 - ``-j 2`` (at most the machine's cores): the fused kernel
   (:mod:`mergekit_ftt.merge_methods.kernel`) splits each tensor between torch's threads,
   with one join per tensor. Side by side at 1b shapes on the shared 2-core machine (load
@@ -43,7 +45,8 @@ LOG = logging.getLogger(__name__)
 
 TRANSFER_DEFAULTS = {
     "async_write": True,
-    "out_shard_size": parse_kmb("500M"),
+    "write_threads": 2,
+    "out_shard_size": parse_kmb("250M"),
     "num_threads": min(2, os.cpu_count() or 1),
 }
 

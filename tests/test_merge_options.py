@@ -37,7 +37,7 @@ def options_from_command_line(method: str, *args: str) -> MergeOptions:
     return seen[0]
 
 
-def test_transfer_writes_500_mb_shards_on_a_writer_thread_and_merges_on_two_by_default():
+def test_transfer_writes_250_mb_shards_on_two_writer_threads_and_merges_on_two_by_default():
     threads = min(2, os.cpu_count() or 1)
     before = torch.get_num_threads()
     try:
@@ -46,7 +46,8 @@ def test_transfer_writes_500_mb_shards_on_a_writer_thread_and_merges_on_two_by_d
     finally:
         torch.set_num_threads(before)
     assert options.async_write is True
-    assert options.out_shard_size == parse_kmb("500M")
+    assert options.write_threads == 2
+    assert options.out_shard_size == parse_kmb("250M")
     assert options.num_threads == threads
 
 
@@ -54,7 +55,7 @@ def test_transfer_writes_500_mb_shards_on_a_writer_thread_and_merges_on_two_by_d
     ("args", "async_write", "shard_size", "threads"),
     [
         (["--out-shard-size", "5B", "-j", "2"], True, "5B", 2),
-        (["--no-async-write", "-j", "1"], False, "500M", 1),
+        (["--no-async-write", "-j", "1"], False, "250M", 1),
         (["--async-write", "--out-shard-size", "1B"], True, "1B", min(2, os.cpu_count() or 1)),
         (["--async-write", "--out-shard-size", "500M", "-j", "2"], True, "500M", 2),
     ],

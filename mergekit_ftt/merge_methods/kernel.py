@@ -94,13 +94,14 @@ def _fused_transfer(target, source_base, terms, weights, output_dtype) -> torch.
         all(t.dtype in _NARROW for t in (target, *plus, source_base) if t is not None)
         and all(_power_of_two(w, limit=100) and w != 0 for w in weights),
     )
-    flagged = [_run(jit, arrays, out.numel())]
     if len(terms) == 1 and isinstance(terms[0], StoredDelta):  # a delta applied: in place
-        for index, exact in terms[0].corrections:
-            flat = index.numpy().astype(np.int64, copy=False)
-            flagged.append(jit.corrected(arrays[0], arrays[1], flat, exact.numpy(), *arrays[4:7]))
-    else:  # the corrected elements of several terms together
-        flagged += _corrected_elements(terms)
+        corrections = [
+            (index.numpy().astype(np.int64, copy=False), exact.numpy())
+            for index, exact in terms[0].corrections
+        ]
+        flagged = _run(jit, arrays, out.numel(), corrections)
+    else:  # the corrected elements of several terms, recomputed together
+        flagged = _run(jit, arrays, out.numel()) + _corrected_elements(terms)
     _recompute(jit, _sorted_union(flagged), arrays, target, source_base, terms, out)
     return out
 
@@ -112,15 +113,31 @@ def _power_of_two(weight: float, limit: int = 900) -> bool:
     return weight == 0 or (abs(mantissa) == 0.5 and -limit < exponent < limit)
 
 
-def _run(jit, arrays: tuple, elements: int) -> np.ndarray:
+def _run(jit, arrays: tuple, elements: int, corrections=()) -> list[np.ndarray]:
+    """:func:`jit.transfer` over ``elements``, split between torch's threads; then, each
+    thread in its own range, a stored Δ's ``corrections`` (ascending flat indices and
+    their exact values) in place (:func:`jit.corrected`). Returns the flagged indices,
+    one ascending array per pass."""
+
+    def work(start: int, stop: int) -> list[np.ndarray]:
+        flagged = [jit.transfer(*arrays, start, stop)]
+        for index, exact in corrections:
+            low, high = np.searchsorted(index, [start, stop])
+            if high > low:
+                flagged.append(
+                    jit.corrected(
+                        arrays[0], arrays[1], index[low:high], exact[low:high], *arrays[4:7]
+                    )
+                )
+        return flagged
+
     threads = max(1, min(torch.get_num_threads(), elements // THREAD_MIN_ELEMENTS))
     if threads == 1:
-        return jit.transfer(*arrays, 0, elements)
+        return work(0, elements)
     step = -(-elements // threads)
     step += -step % jit.CHUNK
     bounds = [(start, min(start + step, elements)) for start in range(0, elements, step)]
-    results = _pool(threads).map(lambda b: jit.transfer(*arrays, *b), bounds)
-    return np.concatenate(list(results))
+    return [part for parts in _pool(threads).map(lambda b: work(*b), bounds) for part in parts]
 
 
 @functools.cache
