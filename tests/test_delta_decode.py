@@ -21,7 +21,6 @@ DECODE_SHAPES = [(16, 13), (9, 1000), (1, 5)]  # 13 and 5: rows that split bytes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("rows", "row_elements"), DECODE_SHAPES)
 def test_compiled_sign_decoding_equals_torchs(dtype, rows, row_elements):
-
     generator = torch.Generator().manual_seed(rows * row_elements)
     signs = pack_bits(torch.rand(rows * row_elements, generator=generator) < 0.5)
     # a zero scale (±0 both ways), one halfway between two bf16 values (ties to even), tiny
@@ -42,7 +41,6 @@ def test_compiled_sign_decoding_equals_torchs(dtype, rows, row_elements):
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.97, 1.0])
 @pytest.mark.parametrize(("rows", "row_elements"), DECODE_SHAPES)
 def test_compiled_sparse_decoding_equals_torchs(density, rows, row_elements):
-
     generator = torch.Generator().manual_seed(rows + row_elements)
     kept = torch.rand(rows * row_elements, generator=generator) < density
     mask = pack_bits(kept)
